@@ -1,0 +1,112 @@
+"""The ``kvcomp`` attention implementation registered with transformers.
+
+Outside a compressed pass it is exactly transformers' SDPA attention (same mask function), so a
+model loaded with it behaves like an ordinary ``sdpa`` model. Inside a pass it does two more things:
+
+- during compressed prefill it hands the layer's post-RoPE window queries, keys and values to the
+  prefill loop (:func:`capture_prefill`), which compresses them right after the layer;
+- while decoding on a :class:`~kvcore.cache.CompressedKVCache` it masks by the *original*
+  positions of the stored tokens, which differ per KV head and per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "kvcomp"
+
+
+@dataclass
+class PrefillCapture:
+    """Filled by the attention function for the layer currently running in compressed prefill."""
+
+    window_idx: Tensor
+    queries: Tensor | None = None  # [B, H, W, d] post-RoPE
+    keys: Tensor | None = None  # [B, H_kv, N, d] post-RoPE
+    values: Tensor | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.queries = self.keys = self.values = None
+
+
+_CAPTURE: contextvars.ContextVar[PrefillCapture | None] = contextvars.ContextVar("kvcomp_capture", default=None)
+_DECODE_CACHE: contextvars.ContextVar[object | None] = contextvars.ContextVar("kvcomp_cache", default=None)
+
+
+@contextlib.contextmanager
+def capture_prefill(capture: PrefillCapture) -> Iterator[PrefillCapture]:
+    token = _CAPTURE.set(capture)
+    try:
+        yield capture
+    finally:
+        _CAPTURE.reset(token)
+
+
+@contextlib.contextmanager
+def decoding_on(cache: object | None) -> Iterator[None]:
+    token = _DECODE_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _DECODE_CACHE.reset(token)
+
+
+def kvcomp_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[Tensor, None]:
+    """Attention for ``query [B, H, q, d]`` over ``key/value [B, H_kv, n, d]``; returns ``[B, q, H, d]``."""
+    capture = _CAPTURE.get()
+    if capture is not None:
+        capture.queries = query[:, :, capture.window_idx]
+        capture.keys, capture.values = key, value
+    cache = _DECODE_CACHE.get()
+    if cache is not None:
+        layer = cache.layer(module.layer_idx)  # type: ignore[attr-defined]
+        if layer.key_positions is not None and layer.key_positions.shape[-1] == key.shape[-2]:
+            return _attend_by_positions(module, query, key, value, layer.key_positions, layer.next_position, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _attend_by_positions(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_positions: Tensor,
+    next_position: Tensor,
+    scaling: float | None,
+) -> tuple[Tensor, None]:
+    """Decode attention; ``key_positions`` int64 ``[B, H_kv, n]`` (-1 = padding), the ``q`` queries
+    sit at positions ``next_position - q ... next_position - 1``."""
+    b, h, q, _ = query.shape
+    groups = h // key.shape[1]
+    query_pos = next_position[:, None] - q + torch.arange(q, device=query.device)[None, :]  # [B, q]
+    kp = key_positions[:, :, None, :]  # [B, H_kv, 1, n]
+    mask = (kp >= 0) & (kp <= query_pos[:, None, :, None])  # [B, H_kv, q, n]
+    mask = mask.repeat_interleave(groups, dim=1)
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, kvcomp_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

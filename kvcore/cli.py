@@ -1,0 +1,234 @@
+"""The ``kvcomp`` command line. Integrations add sub-commands through the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kvcore.config import CompressionConfig, ConfigError, load_config, preset_names
+from kvcore.plugins import get_plugin_manager
+from kvcore.registry import ComponentError, get_registry
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--preset`` / ``--config`` / ``--set``: how every command picks its compression config."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", metavar="NAME", help=f"a shipped preset: {', '.join(preset_names())} (default: default)")
+    group.add_argument("--config", metavar="FILE", type=Path, help="a YAML or JSON config file")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one field, e.g. --set scorer.alpha=0.5 (VALUE is read as YAML)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> CompressionConfig:
+    config = load_config(preset=args.preset, config_file=args.config)
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return config.with_overrides(overrides) if overrides else config
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    specs = get_registry().specs()
+    rows = [s.as_dict() for s in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(["kind", "name", "distribution", "module", "description"], rows)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = config_from_args(args).resolved()
+    print(config.to_json() if args.json else config.to_yaml(), end="" if not args.json else "\n")
+    return 0
+
+
+def cmd_config_presets(args: argparse.Namespace) -> int:
+    rows = [{"preset": n, "description": CompressionConfig.from_preset(n).description.strip()} for n in preset_names()]
+    _print_table(["preset", "description"], rows)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvcore.pipeline import KVCompPipeline
+
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
+        prompt = args.prompt_file.read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    config = config_from_args(args)
+    config.validate_components()
+    pipe = KVCompPipeline.from_pretrained(args.model, config)
+    span = None
+    if args.question is not None:
+        idx = prompt.rfind(args.question)
+        if idx < 0:
+            raise UsageError("--question must be a substring of the prompt")
+        span = (idx, idx + len(args.question))
+    result = pipe.generate(
+        prompt,
+        question_span=span,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        truncate=args.truncate,
+    )
+    record = {
+        "text": result.text,
+        "prompt_tokens": result.prompt_tokens,
+        "kv_bytes": result.kv_bytes,
+        "kv_bytes_fp16_full": result.kv_bytes_fp16_full,
+        "compression_ratio": round(result.compression_ratio, 4),
+        "avg_bits": round(result.avg_bits, 4),
+        "tokens_kept_per_layer": result.tokens_kept_per_layer,
+        "ttft_s": round(result.ttft_s, 4),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+        "peak_rss_bytes": result.peak_rss_bytes,
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(result.text)
+        print(
+            f"\n[{result.prompt_tokens} prompt tokens | KV {result.kv_bytes / 2**20:.2f} MiB vs fp16 "
+            f"{result.kv_bytes_fp16_full / 2**20:.2f} MiB ({result.compression_ratio:.2f}x) | "
+            f"TTFT {result.ttft_s:.2f} s | {result.decode_tokens_per_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from kvcore.loading import MODEL_PRESETS
+
+    rows = [
+        {"preset": p.name, "source": p.gguf_file and f"{p.gguf_package} (embedded)" or p.repo_id, "description": p.description}
+        for p in MODEL_PRESETS.values()
+    ]
+    _print_table(["preset", "source", "description"], rows)
+    return 0
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from kvcore.loading import fetch_model
+
+    path = fetch_model(args.name, token=args.token, revision=args.revision)
+    print(path)
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from kvcore.loading import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvcomp", description="Compress the KV cache of LLaMA models during prefill."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add_command(name: str, help: str, handler: Handler, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add_command("plugins", "list every registered component with its distribution and module", cmd_plugins)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p_config = sub.add_parser("config", help="show configs and presets")
+    config_sub = p_config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    config_sub.required = True
+    p = add_command("show", "print the resolved, validated config (defaults filled in)", cmd_config_show, config_sub)
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    add_command("presets", "list the shipped presets", cmd_config_presets, config_sub)
+
+    p = add_command("generate", "generate text from a prompt with a compressed KV cache", cmd_generate)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT")
+    src.add_argument("--prompt-file", metavar="FILE", type=Path)
+    p.add_argument("--question", metavar="TEXT", help="the question inside the prompt (guides the scorer)")
+    add_config_arguments(p)
+    p.add_argument("--model", default="smollm2-135m", help="model preset, folder, .gguf file or hub id (default: smollm2-135m)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--truncate", choices=["error", "middle"], default="error", help="what to do with an over-long prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and the cache's cost")
+
+    p_model = sub.add_parser("model", help="model presets: list, fetch, prepare")
+    model_sub = p_model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    model_sub.required = True
+    add_command("list", "list model presets", cmd_model_list, model_sub)
+    p = add_command("fetch", "download a preset's checkpoint from the hub (resumable)", cmd_model_fetch, model_sub)
+    p.add_argument("name", help="model preset or hub id")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN or the stored login)")
+    p.add_argument("--revision", default=None)
+    p = add_command("prepare", "convert/locate a model once and print the folder it loads from", cmd_model_prepare, model_sub)
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+
+    get_plugin_manager().hook.register_commands(subparsers=sub, add_command=add_command)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _print_table(columns: list[str], rows: list[dict[str, Any]]) -> None:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.handler(args))
+    except (ConfigError, ComponentError, UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"kvcomp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

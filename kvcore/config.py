@@ -1,0 +1,188 @@
+"""Validated configuration: which components run, with which parameters.
+
+A config selects components by name::
+
+    scorer: {name: prompt_guided, alpha: 0.6}
+    quantizer: {name: mixed_precision, frac_8bit: 0.1, frac_4bit: 0.3, frac_2bit: 0.0, frac_drop: 0.6}
+    propagator: {name: none}
+
+Fields are strict: an unknown field or a value of the wrong type is refused, never coerced.
+Component parameters are validated against the component's own pydantic model through the
+registry (:meth:`CompressionConfig.validate_components`).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kvcore.registry import NONE_COMPONENT, ComponentError, ComponentRegistry, get_registry
+
+PRESET_PACKAGE = "kvcore.presets"
+
+
+class ConfigError(ValueError):
+    """A configuration file or preset could not be read or validated."""
+
+
+class ComponentSection(BaseModel):
+    """``{name: ..., **params}``: one component chosen by name with its parameters."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    name: str = Field(default=NONE_COMPONENT, min_length=1)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Everything but ``name``."""
+        return dict(self.model_extra or {})
+
+
+class CompressionConfig(BaseModel):
+    """The whole compression set-up for one run."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    description: str = ""
+    scorer: ComponentSection = ComponentSection()
+    quantizer: ComponentSection = ComponentSection()
+    propagator: ComponentSection = ComponentSection()
+    window_size: int = Field(default=32, ge=1, le=4096)
+    """Prompt-window tokens (the last W prompt tokens) when the caller gives no question span."""
+    n_sink: int = Field(default=4, ge=0, le=1024)
+    """First positions treated as attention sinks: always kept, never quantised."""
+    weights: str = Field(default="none", pattern="^(none|int8)$")
+    """Weight-only quantisation of the model's linear layers: ``none`` or ``int8``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_mappings(cls, data: Any) -> Any:
+        # ``scorer: prompt_guided`` is shorthand for ``scorer: {name: prompt_guided}``.
+        if isinstance(data, dict):
+            data = {
+                k: ({"name": v} if k in ("scorer", "quantizer", "propagator") and isinstance(v, str) else v)
+                for k, v in data.items()
+            }
+        return data
+
+    @property
+    def is_uncompressed(self) -> bool:
+        """True when every component is ``none``: the model runs its ordinary cache."""
+        return all(s.name == NONE_COMPONENT for s in (self.scorer, self.quantizer, self.propagator))
+
+    def sections(self) -> dict[str, ComponentSection]:
+        return {"scorer": self.scorer, "quantizer": self.quantizer, "propagator": self.propagator}
+
+    def validate_components(self, registry: ComponentRegistry | None = None) -> dict[str, dict[str, Any]]:
+        """Check each section against the registry; returns the full parameters (defaults filled)."""
+        registry = registry or get_registry()
+        return {
+            kind: registry.validate_params(kind, section.name, section.params)
+            for kind, section in self.sections().items()
+        }
+
+    def resolved(self, registry: ComponentRegistry | None = None) -> "CompressionConfig":
+        """A copy whose component sections list every parameter, defaults included."""
+        params = self.validate_components(registry)
+        data = self.to_dict()
+        for kind, values in params.items():
+            data[kind] = {"name": data[kind]["name"], **values}
+        return CompressionConfig.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "CompressionConfig":
+        """Apply dotted overrides such as ``{"scorer.alpha": 0.5, "quantizer.name": "uniform"}``."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            head, _, tail = dotted.partition(".")
+            if tail:
+                if head not in ("scorer", "quantizer", "propagator"):
+                    raise ConfigError(f"override {dotted!r}: only scorer.*, quantizer.*, propagator.* take sub-fields")
+                if tail == "name" and value != data[head].get("name"):
+                    data[head] = {"name": value}  # a new component starts from its own defaults
+                else:
+                    data[head][tail] = value
+            else:
+                data[head] = value
+        return CompressionConfig.from_dict(data)
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for kind, section in self.sections().items():
+            data[kind] = {"name": section.name, **section.params}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> "CompressionConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{source} is invalid:\n{format_validation_error(exc)}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "CompressionConfig":
+        """Load YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "CompressionConfig":
+        presets = preset_names()
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        return cls.from_dict(yaml.safe_load(text), source=f"preset {name!r}")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with kvcomp."""
+    files = resources.files(PRESET_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None) -> CompressionConfig:
+    """The config named by a preset or a file (exactly one may be given; neither -> ``default``)."""
+    if preset and config_file:
+        raise ConfigError("give either a preset or a config file, not both")
+    if config_file:
+        return CompressionConfig.from_file(config_file)
+    return CompressionConfig.from_preset(preset or "default")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ComponentError",
+    "ComponentSection",
+    "CompressionConfig",
+    "ConfigError",
+    "load_config",
+    "preset_names",
+]

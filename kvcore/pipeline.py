@@ -1,0 +1,219 @@
+"""``KVCompPipeline``: text in, text out, with the cache's cost measured.
+
+    pipe = KVCompPipeline.from_pretrained("smollm2-135m", config="default")
+    result = pipe.generate(prompt, question_span=(start, end), max_new_tokens=32)
+    result.text, result.kv_bytes, result.ttft_s
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from kvcore.cache import CompressedKVCache
+from kvcore.config import CompressionConfig, load_config
+from kvcore.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from kvcore.types import GenerationResult, tensor_bytes
+from kvcore.weights import quantize_linear_weights
+
+
+class KVCompPipeline:
+    """A model, its tokenizer and a compression config, ready to generate.
+
+    Args:
+        model: a :class:`~kvcore.model.CompressedLlamaForCausalLM`.
+        tokenizer: its tokenizer.
+        config: the compression config (``full`` = uncompressed).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: CompressionConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.weights_applied = "none"
+        self.set_config(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        config: CompressionConfig | str = "default",
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> "KVCompPipeline":
+        """Load ``model`` (preset name, folder, ``.gguf`` or hub id) with a config or preset name."""
+        cfg = load_config(preset=config) if isinstance(config, str) else config
+        source = resolve_model(model)
+        return cls(load_model(source, dtype=dtype, device=device), load_tokenizer(source), cfg)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The model's position limit (prompt plus generated tokens must fit in it)."""
+        return int(self.model.config.max_position_embeddings)
+
+    def set_config(self, config: CompressionConfig) -> None:
+        """Switch compression without reloading the weights (weight quantisation cannot be undone)."""
+        if config.weights != self.weights_applied:
+            if self.weights_applied != "none":
+                raise ValueError("weights were already quantised in this pipeline; load the model again to change them")
+            quantize_linear_weights(self.model, config.weights)
+            self.weights_applied = config.weights
+        self.model.set_compression(config)
+        self.config = config
+
+    # -- prompt handling -------------------------------------------------------------------------
+    def encode(
+        self,
+        prompt: str,
+        question_span: tuple[int, int] | None = None,
+        max_new_tokens: int = 0,
+        truncate: Literal["error", "middle"] = "error",
+    ) -> tuple[Tensor, Tensor | None]:
+        """Tokenise ``prompt``; returns ``input_ids [1, N]`` and the question's token indices (or ``None``).
+
+        ``question_span`` is a character range ``[start, end)`` of ``prompt``. With
+        ``truncate="middle"`` an over-long prompt keeps its first and last halves.
+        """
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if question_span is not None:
+            start, end = question_span
+            if not (0 <= start < end <= len(prompt)):
+                raise ValueError(f"question_span {question_span} is not a character range inside the {len(prompt)}-character prompt")
+        enc = self.tokenizer(prompt, return_offsets_mapping=question_span is not None)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        window = None
+        if question_span is not None:
+            offsets = enc["offset_mapping"]
+            start, end = question_span
+            window = torch.tensor([i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a], dtype=torch.long)
+        budget = self.max_prompt_tokens - max_new_tokens
+        if ids.numel() > budget:
+            if truncate != "middle":
+                raise ValueError(
+                    f"prompt has {ids.numel()} tokens; with {max_new_tokens} new tokens the model allows "
+                    f"{budget}. Shorten it or use middle truncation (truncate='middle', --truncate middle)"
+                )
+            ids, window = _truncate_middle(ids, window, budget)
+        if window is not None and window.numel() == 0:
+            window = None
+        return ids[None], window
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        question_span: tuple[int, int] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        truncate: Literal["error", "middle"] = "error",
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        input_ids, window = self.encode(prompt, question_span, max_new_tokens, truncate)
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        compressed = self.model.compressor is not None
+        cache: Any = self.model.new_cache(window) if compressed else DynamicCache(config=self.model.config)
+
+        start = time.perf_counter()
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        cache = out.cache
+        logits = out.logits[:, -1].float()
+        token = _next_token(logits, do_sample, temperature, top_p, generator)
+        ttft = time.perf_counter() - start
+        first_logprobs = torch.log_softmax(logits[0], dim=-1).cpu()
+
+        generated = [int(token)]
+        eos = _eos_ids(self.tokenizer, self.model)
+        decode_start = time.perf_counter()
+        while len(generated) < max_new_tokens and generated[-1] not in eos:
+            out = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True)
+            token = _next_token(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
+            generated.append(int(token))
+        decode_s = time.perf_counter() - decode_start
+        n_decoded = len(generated) - 1
+
+        n_prompt = input_ids.shape[1]
+        kv_fp16_full = _fp16_bytes(self.model.config, n_prompt + n_decoded)
+        if isinstance(cache, CompressedKVCache):
+            kv_bytes, kept = cache.kv_bytes, cache.tokens_kept_per_layer()
+        else:
+            kv_bytes = sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
+            kept = [layer.keys.shape[-2] for layer in cache.layers]
+        text_ids = [t for t in generated if t not in eos]
+        return GenerationResult(
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            token_ids=generated,
+            prompt_tokens=n_prompt,
+            kv_bytes=kv_bytes,
+            kv_bytes_fp16_full=kv_fp16_full,
+            avg_bits=16.0 * kv_bytes / kv_fp16_full,
+            tokens_kept_per_layer=kept,
+            ttft_s=ttft,
+            decode_tokens_per_s=n_decoded / decode_s if n_decoded and decode_s > 0 else 0.0,
+            peak_rss_bytes=peak_memory_bytes(device),
+            first_token_logprobs=first_logprobs,
+        )
+
+
+def _truncate_middle(ids: Tensor, window: Tensor | None, budget: int) -> tuple[Tensor, Tensor | None]:
+    """Keep the first ``budget // 2`` and the last ``budget - budget // 2`` tokens (LongBench's rule)."""
+    head, tail = budget // 2, budget - budget // 2
+    n = ids.numel()
+    kept = torch.cat([ids[:head], ids[n - tail :]])
+    if window is not None:
+        in_head = window[window < head]
+        in_tail = window[window >= n - tail] - (n - tail) + head
+        window = torch.cat([in_head, in_tail])
+    return kept, window
+
+
+def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator: Any) -> Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return ids
+
+
+def _fp16_bytes(config: Any, n_tokens: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * n_tokens * head_dim * 2
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak_kib * (1 if sys.platform == "darwin" else 1024))

@@ -1,0 +1,176 @@
+"""Token-selective propagation: after chosen layers only the most important tokens continue.
+
+Later layers then run their prefill on fewer tokens, which is where the time saving comes
+from. Kept tokens keep their original positions (the caller gathers ``positions`` with the
+returned indices), so RoPE still sees where each token was.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from kvcore.types import PADDING_POSITION
+
+_TIER_PROTECTED, _TIER_REAL, _TIER_PADDING = 2, 1, 0
+
+
+class SelectiveConfig(BaseModel):
+    """Parameters of :class:`SelectivePropagator`.
+
+    ``keep_ratio_by_layer`` maps a layer index to the fraction of the *original* prompt tokens
+    that continue after that layer, e.g. ``{8: 0.5, 16: 0.25}``. Layer keys are integers >= 0
+    (digit strings such as ``"8"``, as JSON writes keys, are read as integers); ratios lie in
+    ``(0, 1]`` and never grow with the layer.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    keep_ratio_by_layer: dict[int, float] = Field(
+        description="layer index -> fraction of the original prompt tokens kept after it"
+    )
+    aggregation: Literal["mean", "max"] = Field("mean", description="how scores are combined over KV heads")
+
+    @field_validator("keep_ratio_by_layer", mode="before")
+    @classmethod
+    def _layer_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # strict validation reports the type error
+        out: dict[Any, Any] = {}
+        for key, ratio in value.items():
+            if isinstance(key, str) and key.isascii() and key.lstrip("-").isdigit() and key.count("-") <= 1:
+                layer: Any = int(key)
+            elif isinstance(key, int) and not isinstance(key, bool):
+                layer = key
+            else:
+                raise ValueError(
+                    f"layer {key!r} is not a layer index; use an integer >= 0 (or its digit string, e.g. '8')"
+                )
+            if layer < 0:
+                raise ValueError(f"layer {layer} is negative; layer indices are integers >= 0")
+            if layer in out:
+                raise ValueError(f"layer {layer} appears twice (as {key!r} and as an earlier key)")
+            out[layer] = ratio
+        return out
+
+    @field_validator("keep_ratio_by_layer", mode="after")
+    @classmethod
+    def _schedule(cls, value: dict[int, float]) -> dict[int, float]:
+        if not value:
+            raise ValueError("the schedule is empty; give at least one layer, e.g. {8: 0.5}")
+        previous: tuple[int, float] | None = None
+        for layer in sorted(value):
+            ratio = value[layer]
+            if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
+                raise ValueError(f"layer {layer}: keep ratio {ratio} is out of range; ratios lie in (0, 1]")
+            if previous is not None and ratio > previous[1]:
+                raise ValueError(
+                    f"layer {layer}: keep ratio {ratio} is larger than {previous[1]} at earlier layer "
+                    f"{previous[0]}; ratios must not increase with the layer (dropped tokens never return)"
+                )
+            previous = (layer, ratio)
+        return dict(sorted(value.items()))
+
+
+class SelectivePropagator:
+    """Keeps the protected tokens and the highest-scoring others after scheduled layers.
+
+    Parameters
+    ----------
+    config:
+        A :class:`SelectiveConfig`; or pass its fields as keywords instead.
+
+    After layer ``l`` with ratio ``r``: ``n_keep = max(ceil(r * n_original), protected count)``
+    (the largest protected count in the batch), capped at the current token count ``N``; the
+    same ``n_keep`` holds for every row. Order of preference: protected tokens, then real
+    tokens by score aggregated over KV heads (``None`` scores: most recent first), then padding.
+    """
+
+    def __init__(self, config: SelectiveConfig | None = None, **params: Any) -> None:
+        if config is not None:
+            if params:
+                raise ValueError(
+                    f"pass either a SelectiveConfig or its fields as keywords, not both (got {sorted(params)})"
+                )
+            self.config = config
+        else:
+            self.config = SelectiveConfig.model_validate(params)
+
+    def check_model(self, *, num_layers: int, head_dim: int) -> None:
+        """Refuse a schedule naming a layer the model does not have (called before any prefill)."""
+        too_deep = [layer for layer in self.config.keep_ratio_by_layer if layer >= num_layers]
+        if too_deep:
+            raise ValueError(
+                f"propagator.keep_ratio_by_layer names layer(s) {too_deep}, but the model has {num_layers} "
+                f"layers; use indices 0..{num_layers - 1}"
+            )
+
+    def acts_after(self, layer_idx: int) -> bool:
+        """True if the schedule names ``layer_idx``."""
+        return layer_idx in self.config.keep_ratio_by_layer
+
+    def n_keep(self, layer_idx: int, n_original: int) -> int:
+        """Tokens the schedule keeps after ``layer_idx`` (before protected tokens and ``N`` cap it)."""
+        ratio = self.config.keep_ratio_by_layer[layer_idx]
+        # Rounding first stops float noise (0.3 * 10 = 3.0000000000000004) from keeping one extra token.
+        return max(1, math.ceil(round(ratio * n_original, 9)))
+
+    def select(
+        self,
+        layer_idx: int,
+        scores: Tensor | None,
+        positions: Tensor,
+        protected: Tensor,
+        n_original: int,
+    ) -> Tensor | None:
+        """Pick the tokens that continue after ``layer_idx``.
+
+        Args:
+            scores: importance ``[B, H_kv, N]`` (``None``: prefer recent tokens).
+            positions: original positions ``[B, N]`` int64, ``-1`` for padding.
+            protected: ``[B, N]`` bool, tokens that always continue (sinks, prompt window).
+            n_original: prompt length before any propagation; the ratios refer to it.
+
+        Returns:
+            ``None`` if the layer is not scheduled or every token continues, else int64 indices
+            ``[B, n_keep]`` into ``N``, ascending in each row.
+        """
+        if not self.acts_after(layer_idx):
+            return None
+        if positions.dim() != 2:
+            raise ValueError(f"positions must be [B, N], got shape {tuple(positions.shape)}")
+        b, n = positions.shape
+        if tuple(protected.shape) != (b, n):
+            raise ValueError(f"protected must be [B={b}, N={n}] like positions, got shape {tuple(protected.shape)}")
+        if scores is not None and (scores.dim() != 3 or scores.shape[0] != b or scores.shape[2] != n):
+            raise ValueError(f"scores must be [B={b}, H_kv, N={n}], got shape {tuple(scores.shape)}")
+        if n_original < 1:
+            raise ValueError(f"n_original must be >= 1, got {n_original}")
+
+        padding = positions == PADDING_POSITION
+        keep_protected = protected.bool() & ~padding
+        n_keep = max(self.n_keep(layer_idx, n_original), int(keep_protected.sum(dim=1).max().item()) if b else 0)
+        if n_keep >= n:
+            return None
+
+        if scores is None:
+            rank_value = positions.to(torch.float32)
+        elif self.config.aggregation == "mean":
+            rank_value = scores.float().mean(dim=1)
+        else:
+            rank_value = scores.float().amax(dim=1)
+        # Padding slots may hold anything (even NaN); they are ranked by tier alone.
+        rank_value = torch.nan_to_num(rank_value, nan=0.0)
+        tier = torch.full_like(positions, _TIER_REAL)
+        tier = torch.where(padding, torch.full_like(tier, _TIER_PADDING), tier)
+        tier = torch.where(keep_protected, torch.full_like(tier, _TIER_PROTECTED), tier)
+
+        # Lexicographic order (tier, then value), both descending: sort by value, then stably by tier.
+        by_value = torch.sort(rank_value, dim=1, descending=True, stable=True).indices
+        by_tier = torch.sort(tier.gather(1, by_value), dim=1, descending=True, stable=True).indices
+        order = by_value.gather(1, by_tier)
+        return torch.sort(order[:, :n_keep], dim=1).values.to(torch.int64)

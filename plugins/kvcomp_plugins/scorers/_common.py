@@ -1,0 +1,267 @@
+"""Pieces every built-in scorer shares: shape checks, window attention, pooling, the
+structural prior, min-max normalisation and the protected/padding override.
+
+Conventions (see :class:`kvcore.types.LayerObservation`): ``B`` batch, ``H`` query heads,
+``H_kv`` KV heads (``g = H / H_kv`` query heads per KV head; query head ``j`` belongs to KV
+head ``j // g``), ``N`` tokens, ``W`` window queries, ``d`` head dim.
+
+Every scorer returns ``[B, H_kv, N]`` float32 where
+
+- real, unprotected tokens ("candidates") score in ``[0, 1]`` (each term min-max normalised
+  over the candidates of its ``(batch, KV head)``);
+- protected tokens (sinks and prompt window) score :data:`PROTECTED_SCORE`, above any candidate;
+- padding slots score :data:`PADDING_SCORE`, below any candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import AfterValidator, BaseModel, Field
+from torch import Tensor
+
+from kvcore.types import LayerObservation
+
+PROTECTED_SCORE = 2.0
+"""Score of sinks and window tokens: candidates score at most 1, so protected tokens always outrank."""
+
+PADDING_SCORE = -1.0
+"""Score of padding slots: candidates score at least 0, so padding always ranks last."""
+
+MAX_LOGIT_SCALE = 1e30
+"""Cap on the softmax inverse temperature ``|q| |k| / sqrt(d)``.
+
+Past it the softmax is one-hot to float32 precision anyway; capping keeps the logits finite for
+any finite input (``q . k`` of two float32 vectors can overflow).
+"""
+
+_TINY = torch.finfo(torch.float32).tiny
+_LOGIT_ELEMENTS_PER_CHUNK = 1 << 24
+"""Window logits held at once (~64 MiB of float32): KV heads are processed in chunks below it."""
+
+
+def _check_odd(kernel: int) -> int:
+    if kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd (1 = no pooling, 3, 5, 7, ...), got {kernel}")
+    return kernel
+
+
+PoolKernel = Annotated[int, Field(ge=1), AfterValidator(_check_odd)]
+"""Width of the 1-D pool along the token axis: an odd integer >= 1 (1 disables pooling)."""
+
+PoolMode = Literal["max", "avg"]
+
+RecencyFraction = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""Recency time constant as a fraction of the prompt length; must be > 0."""
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def resolve_config(model: type[ConfigT], config: ConfigT | None, params: dict[str, Any]) -> ConfigT:
+    """Return ``config``, or validate ``params`` into ``model`` (never both).
+
+    Raises:
+        ValueError: both were given, or ``params`` are invalid (pydantic's ``ValidationError``
+            is a ``ValueError`` and names the bad field).
+    """
+    if config is not None:
+        if params:
+            raise ValueError(
+                f"pass either a {model.__name__} or its fields as keywords, not both (got {sorted(params)})"
+            )
+        if not isinstance(config, model):
+            raise ValueError(f"config must be a {model.__name__}, got {type(config).__name__}")
+        return config
+    return model.model_validate(params)
+
+
+def check_observation(obs: LayerObservation) -> None:
+    """Raise ``ValueError`` naming the first tensor whose shape disagrees with the others."""
+    if obs.keys.dim() != 4:
+        raise ValueError(f"keys must be [B, H_kv, N, d], got shape {tuple(obs.keys.shape)}")
+    b, h_kv, n, d = obs.keys.shape
+    for name in ("values", "keys_pre_rope"):
+        shape = tuple(getattr(obs, name).shape)
+        if shape != (b, h_kv, n, d):
+            raise ValueError(f"{name} must have the keys' shape {(b, h_kv, n, d)}, got {shape}")
+    if obs.queries.dim() != 4 or obs.queries.shape[0] != b or obs.queries.shape[-1] != d:
+        raise ValueError(f"queries must be [B={b}, H, W, d={d}], got shape {tuple(obs.queries.shape)}")
+    h, w = obs.queries.shape[1], obs.queries.shape[2]
+    if h % h_kv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
+    if tuple(obs.queries_pre_rope.shape) != (b, h, w, d):
+        raise ValueError(
+            f"queries_pre_rope must have the queries' shape {(b, h, w, d)}, got {tuple(obs.queries_pre_rope.shape)}"
+        )
+    if tuple(obs.window_idx.shape) != (w,):
+        raise ValueError(f"window_idx must be [W={w}], got shape {tuple(obs.window_idx.shape)}")
+    if tuple(obs.positions.shape) != (b, n):
+        raise ValueError(f"positions must be [B={b}, N={n}], got shape {tuple(obs.positions.shape)}")
+    if obs.n_original < 1 or obs.n_sink < 0:
+        raise ValueError(f"n_original must be >= 1 and n_sink >= 0, got {obs.n_original} and {obs.n_sink}")
+
+
+def candidate_mask(obs: LayerObservation) -> Tensor:
+    """``[B, N]`` bool: real (non-padding) tokens that are not protected, i.e. the ones ranked."""
+    return ~obs.padding_mask & ~obs.protected_mask
+
+
+def _window_query_positions(obs: LayerObservation) -> Tensor:
+    """``[B, W]`` int64 original positions of the window queries (``-1`` for padding)."""
+    return obs.positions[:, obs.window_idx]
+
+
+def _grouped(queries: Tensor, h_kv: int) -> Tensor:
+    """``[B, H, W, d]`` -> ``[B, H_kv, g, W, d]`` (query head ``j`` -> KV head ``j // g``)."""
+    b, h, w, d = queries.shape
+    return queries.reshape(b, h_kv, h // h_kv, w, d)
+
+
+def _abs_max(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Largest magnitude over ``dims`` (kept), floored at the smallest normal float32; 1 if empty."""
+    if any(x.shape[d] == 0 for d in dims):  # e.g. an empty window: nothing to scale
+        shape = [1 if i in dims else size for i, size in enumerate(x.shape)]
+        return x.new_ones(shape)
+    return x.abs().amax(dim=dims, keepdim=True).clamp_min(_TINY)
+
+
+def window_attention(obs: LayerObservation) -> Tensor:
+    """Mean attention each token receives from the window queries, ``[B, H_kv, N]`` float32.
+
+    For KV head ``h`` and token ``i``: the mean over the ``g`` query heads of the group and the
+    valid (non-padding) window queries of ``softmax(q . k / sqrt(d))``, causal by original
+    position (a query at position ``p`` sees keys at positions ``0 <= pos <= p``; padding never).
+    Only ``W x N`` logits per query head exist at once; KV heads are processed in chunks.
+
+    Numerics: queries and keys are divided by their largest magnitude per ``(batch, head)`` and
+    the inverse temperature ``s_q s_k / sqrt(d)`` is capped at :data:`MAX_LOGIT_SCALE`, so the
+    result is finite for any finite input.
+    """
+    keys = obs.keys.float()
+    b, h_kv, n, d = keys.shape
+    queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
+    g, w = queries.shape[2], queries.shape[3]
+
+    q_pos = _window_query_positions(obs)  # [B, W]
+    q_valid = q_pos >= 0
+    k_pos = obs.positions
+    # [B, 1, 1, W, N]: a valid query always sees its own key, so no valid row is empty.
+    visible = ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0))[:, None, None]
+
+    s_q = _abs_max(queries, (2, 3, 4))  # [B, H_kv, 1, 1, 1]
+    s_k = _abs_max(keys, (2, 3))  # [B, H_kv, 1, 1]
+    inv_temp = (s_q.double() * s_k.double()[..., None] / math.sqrt(d)).clamp(max=MAX_LOGIT_SCALE).float()
+    # Dividing the queries by both scales bounds every product term by 1 without copying the keys.
+    q_unit = queries / s_q / s_k[..., None]
+
+    # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
+    n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
+    q_weight = (q_valid.float() / (g * n_valid[:, None]).float())[:, None, None, :, None]  # [B,1,1,W,1]
+
+    per_chunk = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(1, b * g * w * n))
+    out = []
+    for start in range(0, h_kv, per_chunk):
+        sl = slice(start, start + per_chunk)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", q_unit[:, sl], keys[:, sl]) * inv_temp[:, sl]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        # Padding queries see nothing; give their rows a harmless 0 so softmax stays finite.
+        logits = logits.masked_fill(~q_valid[:, None, None, :, None], 0.0)
+        probs = torch.softmax(logits, dim=-1) * q_weight
+        out.append(probs.sum(dim=(2, 3)))
+    return torch.cat(out, dim=1)
+
+
+def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Tensor:
+    """1-D pool of ``[B, H_kv, N]`` scores along the token axis over the ``[B, N]`` ``mask`` tokens.
+
+    Only masked-in tokens feed the pool (so the very high attention of sinks and window tokens
+    does not spill onto their neighbours); ``"avg"`` divides by the number of masked-in tokens
+    in reach. Scores must be >= 0 (``"max"`` treats masked-out tokens as 0). ``kernel == 1``
+    returns the input unchanged.
+    """
+    if kernel == 1:
+        return scores
+    b, h_kv, n = scores.shape
+    m = mask[:, None, :].expand(b, h_kv, n).float()
+    src = (scores * m).reshape(b * h_kv, 1, n)
+    pad = kernel // 2
+    if mode == "max":
+        pooled = F.max_pool1d(src, kernel, stride=1, padding=pad)
+    else:
+        total = F.avg_pool1d(src, kernel, stride=1, padding=pad, count_include_pad=True)
+        count = F.avg_pool1d(m.reshape(b * h_kv, 1, n), kernel, stride=1, padding=pad, count_include_pad=True)
+        pooled = torch.where(count > 0, total / count.clamp_min(_TINY), torch.zeros_like(total))
+    return pooled.reshape(b, h_kv, n)
+
+
+def content_relevance(obs: LayerObservation) -> Tensor:
+    """Cosine similarity ``[B, H_kv, N]`` between each pre-RoPE key and its group's mean pre-RoPE
+    window query (valid queries only).
+
+    Vectors are divided by their largest magnitude before any product, so extreme inputs do not
+    overflow; a zero vector has similarity 0 with everything.
+    """
+    keys = obs.keys_pre_rope.float()
+    h_kv = keys.shape[1]
+    queries = _grouped(obs.queries_pre_rope.float(), h_kv)  # [B, H_kv, g, W, d]
+    q_valid = (_window_query_positions(obs) >= 0)[:, None, None, :, None]  # [B, 1, 1, W, 1]
+    # Only the direction of the mean matters: average the scaled queries.
+    q_scaled = queries / _abs_max(queries, (2, 3, 4)) * q_valid
+    q_mean = q_scaled.sum(dim=(2, 3))  # [B, H_kv, d]
+    q_dir = q_mean / _abs_max(q_mean, (2,))
+    q_dir = q_dir / torch.linalg.vector_norm(q_dir, dim=-1, keepdim=True).clamp_min(_TINY)
+
+    k_dir = keys / _abs_max(keys, (3,))
+    k_norm = torch.linalg.vector_norm(k_dir, dim=-1)  # [B, H_kv, N], in [1, sqrt(d)] unless zero
+    dots = torch.einsum("bhnd,bhd->bhn", k_dir, q_dir)
+    return (dots / k_norm.clamp_min(_TINY)).clamp(-1.0, 1.0)
+
+
+def structural_prior(obs: LayerObservation, recency_fraction: float) -> Tensor:
+    """Sinks and recency, ``[B, H_kv, N]`` float32 (the same for every head).
+
+    1 for sink positions (``< n_sink``), else ``exp(-(last - pos) / tau)``, where ``last`` is the
+    newest real position of the row and ``tau = recency_fraction * (last + 1)``. Without padding
+    ``last + 1`` is ``n_original``; with left padding it is the row's own length, so a short row
+    of a padded batch is not judged against a longer one's time scale.
+    """
+    pos = obs.positions
+    last = pos.amax(dim=1, keepdim=True).clamp_min(0)  # [B, 1]
+    tau = recency_fraction * (last + 1).double()
+    age = (last - pos).clamp_min(0).double()
+    prior = torch.exp(-age / tau).float()
+    prior = torch.where(obs.sink_mask, torch.ones_like(prior), prior)
+    return prior[:, None, :].expand(-1, obs.keys.shape[1], -1)
+
+
+def minmax_normalise(scores: Tensor, mask: Tensor) -> Tensor:
+    """Scale ``[B, H_kv, N]`` scores to ``[0, 1]`` per ``(batch, KV head)`` over the ``[B, N]`` mask.
+
+    A term that is constant over the masked tokens (or has none) carries no ranking information
+    and becomes all zeros, so it adds nothing to a weighted sum. Scores must be finite and
+    bounded (every term here lies within ``[-sqrt(d), sqrt(d)]``), so ``max - min`` cannot overflow.
+    """
+    m = mask[:, None, :]
+    lo = scores.masked_fill(~m, float("inf")).amin(dim=-1, keepdim=True)
+    hi = scores.masked_fill(~m, float("-inf")).amax(dim=-1, keepdim=True)
+    span = hi - lo
+    has_range = torch.isfinite(span) & (span > 0)
+    safe_lo = torch.where(has_range, lo, torch.zeros_like(lo))
+    safe_span = torch.where(has_range, span, torch.ones_like(span))
+    out = ((scores - safe_lo) / safe_span).clamp(0.0, 1.0)
+    return torch.where(has_range, out, torch.zeros_like(out))
+
+
+def finalise(scores: Tensor, obs: LayerObservation) -> Tensor:
+    """Apply the shared override: protected -> :data:`PROTECTED_SCORE`, padding -> :data:`PADDING_SCORE`.
+
+    ``scores`` is ``[B, H_kv, N]`` with candidates already in ``[0, 1]``; returns float32.
+    """
+    scores = scores.float()
+    protected = obs.protected_mask[:, None, :]
+    padding = obs.padding_mask[:, None, :]
+    scores = torch.where(protected, torch.full_like(scores, PROTECTED_SCORE), scores)
+    return torch.where(padding, torch.full_like(scores, PADDING_SCORE), scores)
