@@ -1,0 +1,69 @@
+"""Picks the kernel implementation: the torch reference or the Triton kernels (same bytes).
+
+``"auto"`` uses Triton for CUDA tensors when triton imports, else torch; ``"triton"`` forces it
+(on a CPU tensor only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. Triton is
+imported lazily, on first use, so CPU-only users never pay for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from kvcore.types import QuantizedTensor
+from kvcomp_plugins.quantizers import packing
+from kvcomp_plugins.quantizers.packing import Axis
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_module() -> ModuleType | None:
+    """The Triton kernel module, or ``None`` if triton cannot be imported here."""
+    try:
+        from kvcomp_plugins.quantizers import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def triton_available() -> bool:
+    """True if the Triton kernels can be imported here (they may still need a GPU to run)."""
+    return _triton_module() is not None
+
+
+def select_backend(backend: str, device: torch.device) -> ModuleType:
+    """The module (:mod:`.packing` or :mod:`.triton_kernels`) that serves ``backend`` on ``device``."""
+    if backend == "torch":
+        return packing
+    if backend == "auto":
+        if device.type == "cuda":
+            return _triton_module() or packing
+        return packing
+    if backend == "triton":
+        kernels = _triton_module()
+        if kernels is None:
+            raise RuntimeError("backend='triton' was requested but triton cannot be imported; use 'torch' or 'auto'")
+        if device.type != "cuda" and not kernels.INTERPRETED:
+            raise RuntimeError(
+                f"backend='triton' needs a CUDA tensor (got one on {device}); on a CPU set "
+                "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'/'auto'"
+            )
+        return kernels
+    raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
+
+
+def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis, backend: Backend = "auto") -> QuantizedTensor:
+    """Quantise and pack ``x`` ``[B, H_kv, n, d]`` with the selected backend (see :mod:`.packing`)."""
+    packing.validate_quant_args(tuple(x.shape), bits, group_size, axis)
+    return select_backend(backend, x.device).quantize_pack(x, bits, group_size, axis)
+
+
+def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend = "auto") -> Tensor:
+    """Dense ``[B, H_kv, n, d]`` of ``dtype`` from ``q`` with the selected backend."""
+    return select_backend(backend, q.packed.device).unpack_dequantize(q, dtype)

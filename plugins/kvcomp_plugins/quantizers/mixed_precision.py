@@ -1,0 +1,214 @@
+"""Mixed-precision quantizer: importance picks 8, 4 or 2 bits per token, or drops it.
+
+Per (layer, KV head) the candidate tokens (not protected, not among the last ``R``) are ranked
+by score; the top ``frac_8bit`` are stored at 8 bit, the next ``frac_4bit`` at 4 bit, the next
+``frac_2bit`` at 2 bit and the rest dropped. Codes are packed for real (:mod:`.packing`).
+Keys are grouped per channel by default (KIVI-style), because LLaMA keys have outlier
+channels that per-token groups smear over the whole group; values are always per token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
+from kvcomp_plugins.quantizers import backends
+from kvcomp_plugins.quantizers.packing import validate_quant_args
+from kvcomp_plugins.quantizers.tiers import gather_tokens, split_tokens
+
+DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.35, "frac_2bit": 0.15, "frac_drop": 0.4}
+"""Used when neither fractions nor ``avg_bits`` are given (the ``default`` preset's split)."""
+
+
+
+def _check_bit_width(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bit width must be 2, 4 or 8 (0 means dropped: use frac_drop), got {bits}")
+    return bits
+
+
+BitWidth = Annotated[int, Field(strict=True), AfterValidator(_check_bit_width)]
+"""A stored bit width. A strict int: ``4.0`` or ``"4"`` is refused, not coerced (``Literal`` would take 4.0)."""
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TieredQuantizerConfig(BaseModel):
+    """Parameters every tiered quantizer shares."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    group_size: int = Field(32, ge=1, description="G: channels per group (values), tokens per group (channel keys).")
+    key_mode: Literal["channel", "token"] = Field("channel", description="How keys are grouped.")
+    residual_length: int = Field(128, ge=0, description="R: most recent tokens kept in full precision.")
+    flush_tokens: int | None = Field(None, ge=1, description="Tokens per decode flush; None means group_size.")
+    flush_bits: BitWidth = Field(8, description="Bit width of tokens flushed from the decode residual.")
+    residual_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    backend: Literal["auto", "torch", "triton"] = "auto"
+
+    def tier_fractions(self) -> tuple[tuple[int, float], ...]:
+        """``(bits, fraction of candidates)`` per tier, highest precision first."""
+        raise NotImplementedError
+
+
+class MixedPrecisionConfig(TieredQuantizerConfig):
+    """Tier fractions, given explicitly or through a target average bit width.
+
+    Explicit fractions must sum to 1 (within 1e-6); fractions left unset count as 0. With none
+    of them and no ``avg_bits``, :data:`DEFAULT_FRACTIONS` apply. ``avg_bits`` (b̄, payload
+    bits per candidate token, dropped tokens counting 0) is met by mixing the two neighbouring
+    widths of {0, 4, 8}: b̄ <= 4 stores b̄/4 of the candidates at 4 bit and drops the rest;
+    b̄ > 4 stores (b̄ - 4)/4 at 8 bit and the rest at 4 bit. 2 bit is never chosen this way,
+    since large 2-bit tiers were measured to cost more fidelity than dropping the least
+    important tokens; ask for it with explicit fractions.
+    """
+
+    frac_8bit: float | None = Field(None, ge=0.0, le=1.0)
+    frac_4bit: float | None = Field(None, ge=0.0, le=1.0)
+    frac_2bit: float | None = Field(None, ge=0.0, le=1.0)
+    frac_drop: float | None = Field(None, ge=0.0, le=1.0)
+    avg_bits: float | None = Field(None, ge=0.0, le=8.0)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "MixedPrecisionConfig":
+        given = {name: getattr(self, name) for name in DEFAULT_FRACTIONS if getattr(self, name) is not None}
+        if self.avg_bits is not None and given:
+            raise ValueError(f"avg_bits={self.avg_bits} and explicit fractions {given} are mutually exclusive")
+        total = sum(given.values())
+        if given and abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"frac_8bit + frac_4bit + frac_2bit + frac_drop must sum to 1 (unset ones count as 0), "
+                f"got {given} summing to {total:.6g}"
+            )
+        return self
+
+    def tier_fractions(self) -> tuple[tuple[int, float], ...]:
+        if self.avg_bits is not None:
+            b = self.avg_bits
+            f8 = max(0.0, (b - 4.0) / 4.0)
+            f4 = min(1.0, b / 4.0) - f8
+            return ((8, f8), (4, f4), (2, 0.0))
+        given = {name: getattr(self, name) for name in DEFAULT_FRACTIONS if getattr(self, name) is not None}
+        fracs = {**{name: 0.0 for name in DEFAULT_FRACTIONS}, **given} if given else DEFAULT_FRACTIONS
+        return ((8, fracs["frac_8bit"]), (4, fracs["frac_4bit"]), (2, fracs["frac_2bit"]))
+
+
+class MixedPrecisionQuantizer:
+    """Stores a layer's K/V as 8/4/2-bit packed tiers plus a full-precision residual.
+
+    Parameters are the fields of :class:`MixedPrecisionConfig` (keyword arguments).
+    Implements :class:`kvcore.protocols.Quantizer`.
+    """
+
+    config_model: ClassVar[type[TieredQuantizerConfig]] = MixedPrecisionConfig
+
+    def __init__(self, **params: Any) -> None:
+        self.config = self.config_model(**params)
+        self.residual_length: int = self.config.residual_length
+        self.flush_tokens: int = self.config.flush_tokens or self.config.group_size
+        self.tier_fractions = self.config.tier_fractions()
+        self.residual_dtype = _DTYPES[self.config.residual_dtype]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def compress(
+        self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, protected: Tensor
+    ) -> CompressedLayer:
+        """Split one prefill layer into residual, tiers and dropped tokens, and pack the tiers.
+
+        Args:
+            keys: post-RoPE keys ``[B, H_kv, N, d]``.
+            values: values ``[B, H_kv, N, d]``.
+            positions: original positions ``[B, N]`` int, ``-1`` for padding.
+            scores: importance ``[B, H_kv, N]`` (higher = more important) or ``None``.
+            protected: ``[B, N]`` bool, kept in full precision.
+
+        Returns:
+            :class:`CompressedLayer`; ``dropped_tokens`` counts dropped slots per (batch row, KV head).
+        """
+        self._check_layer(keys, values, positions, scores, protected)
+        split = split_tokens(positions, scores, protected, keys.shape[1], self.residual_length, self.tier_fractions)
+        b, h = keys.shape[:2]
+        res = split.residual_idx.unsqueeze(1).expand(b, h, -1)
+        tiers = [
+            self._quantize_tier(
+                gather_tokens(keys, idx), gather_tokens(values, idx), _positions_of(positions, idx), bits
+            )
+            for bits, idx in zip(split.tier_bits, split.tier_idx)
+        ]
+        return CompressedLayer(
+            tiers=tiers,
+            residual_keys=gather_tokens(keys, res).to(self.residual_dtype),
+            residual_values=gather_tokens(values, res).to(self.residual_dtype),
+            residual_positions=_positions_of(positions, res),
+            dropped_tokens=split.dropped_per_head,
+        )
+
+    def quantize_block(self, keys: Tensor, values: Tensor, positions: Tensor) -> KVTier:
+        """Quantise ``[B, H_kv, n, d]`` decode-overflow tokens at ``flush_bits``.
+
+        ``positions`` is int ``[B, H_kv, n]`` (stored as int32).
+        """
+        if keys.ndim != 4 or keys.shape != values.shape:
+            raise ValueError(
+                f"keys/values must share a [B, H_kv, n, d] shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if tuple(positions.shape) != tuple(keys.shape[:3]):
+            raise ValueError(
+                f"positions must be [B, H_kv, n] = {tuple(keys.shape[:3])}, got {tuple(positions.shape)}"
+            )
+        bits = self.config.flush_bits
+        self._check_head_dim(tuple(keys.shape), [bits])
+        return self._quantize_tier(keys, values, positions.to(torch.int32).contiguous(), bits)
+
+    def dequantize(self, tensor: QuantizedTensor, dtype: torch.dtype) -> Tensor:
+        """Unpack and dequantise to a dense ``[B, H_kv, n, d]`` tensor of ``dtype``."""
+        return backends.unpack_dequantize(tensor, dtype, self.config.backend)
+
+    def _quantize_tier(self, keys: Tensor, values: Tensor, positions: Tensor, bits: int) -> KVTier:
+        """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""
+        cfg = self.config
+        return KVTier(
+            bits=bits,
+            positions=positions,
+            keys=backends.quantize_pack(keys, bits, cfg.group_size, cfg.key_mode, cfg.backend),
+            values=backends.quantize_pack(values, bits, cfg.group_size, "token", cfg.backend),
+        )
+
+    def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
+        for bits in bits_used:
+            validate_quant_args(shape, bits, self.config.group_size, self.config.key_mode)
+            validate_quant_args(shape, bits, self.config.group_size, "token")
+
+    def _check_layer(
+        self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, protected: Tensor
+    ) -> None:
+        if keys.ndim != 4 or keys.shape != values.shape:
+            raise ValueError(
+                f"keys/values must share a [B, H_kv, N, d] shape, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        b, h, n, _ = keys.shape
+        if tuple(positions.shape) != (b, n) or positions.is_floating_point():
+            raise ValueError(
+                f"positions must be an int [B, N] = {(b, n)} tensor, got {positions.dtype} {tuple(positions.shape)}"
+            )
+        if tuple(protected.shape) != (b, n) or protected.dtype != torch.bool:
+            raise ValueError(
+                f"protected must be a bool [B, N] = {(b, n)} tensor, got {protected.dtype} {tuple(protected.shape)}"
+            )
+        if scores is not None and tuple(scores.shape) != (b, h, n):
+            raise ValueError(f"scores must be [B, H_kv, N] = {(b, h, n)}, got {tuple(scores.shape)}")
+        # flush_bits too: the decode cache will flush this layer's tokens through quantize_block.
+        used = [bits for bits, frac in self.tier_fractions if frac > 0] + [self.config.flush_bits]
+        self._check_head_dim(tuple(keys.shape), used)
+
+
+def _positions_of(positions: Tensor, idx: Tensor) -> Tensor:
+    """int32 ``[B, H_kv, k]`` original positions of slots ``idx`` ``[B, H_kv, k]``."""
+    b = positions.shape[0]
+    return positions.gather(1, idx.reshape(b, -1)).reshape(idx.shape).to(torch.int32).contiguous()

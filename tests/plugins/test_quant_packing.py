@@ -1,0 +1,179 @@
+"""Laws of the torch reference quantiser: error bound, invertible packing, exact constants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcomp_plugins.quantizers import backends
+from kvcomp_plugins.quantizers.packing import (
+    error_tolerance,
+    expand_stats,
+    fp16_round_down,
+    fp16_round_up,
+    pack_codes,
+    quantize_codes,
+    quantize_pack,
+    unpack_codes,
+    unpack_dequantize,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@st.composite
+def quant_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, str]:
+    """A small random ``[B, H_kv, n, d]`` tensor with a compatible (bits, group_size, axis)."""
+    bits = draw(st.sampled_from([2, 4, 8]))
+    axis = draw(st.sampled_from(["token", "channel"]))
+    d = draw(st.sampled_from([8, 16, 24, 64]))
+    group_size = draw(st.sampled_from([g for g in (4, 8, 16, 32) if axis == "channel" or d % g == 0]))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 40)), d)
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    magnitude = 10.0 ** draw(st.integers(-6, 3))
+    offset = draw(st.sampled_from([0.0, 1.0, -300.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = (torch.randn(shape, generator=gen) * magnitude + offset).clamp(-6e4, 6e4).to(dtype)
+    return x, bits, group_size, axis
+
+
+@SETTINGS
+@given(quant_cases())
+def test_error_is_at_most_half_a_stored_scale(case: tuple[torch.Tensor, int, int, str]) -> None:
+    x, bits, group_size, axis = case
+    q = quantize_pack(x, bits, group_size, axis)
+    err = (unpack_dequantize(q, torch.float32) - x.to(torch.float32)).abs()
+    assert bool((err <= error_tolerance(x, q)).all()), float((err - error_tolerance(x, q)).max())
+
+
+@SETTINGS
+@given(quant_cases())
+def test_layout_dtypes_and_stored_codes(case: tuple[torch.Tensor, int, int, str]) -> None:
+    x, bits, group_size, axis = case
+    b, h, n, d = x.shape
+    q = quantize_pack(x, bits, group_size, axis)
+    assert q.packed.dtype == torch.uint8 and tuple(q.packed.shape) == (b, h, n, d * bits // 8)
+    stat_shape = (b, h, n, d // group_size) if axis == "token" else (b, h, -(-n // group_size), d)
+    assert q.scale.dtype == q.zero.dtype == torch.float16
+    assert tuple(q.scale.shape) == tuple(q.zero.shape) == stat_shape
+    assert q.shape == (b, h, n, d) and q.nbytes == q.packed.nbytes + q.scale.nbytes + q.zero.nbytes
+    # The unpacked bytes are exactly the codes the recipe gives with the stored statistics.
+    expected = quantize_codes(
+        x.to(torch.float32),
+        expand_stats(q.scale, n, d, group_size, axis),
+        expand_stats(q.zero, n, d, group_size, axis),
+        bits,
+    )
+    assert torch.equal(unpack_codes(q.packed, bits), expected)
+    assert int(expected.max()) < 2**bits
+
+
+@SETTINGS
+@given(quant_cases())
+def test_deterministic_bytes(case: tuple[torch.Tensor, int, int, str]) -> None:
+    x, bits, group_size, axis = case
+    a, b = quantize_pack(x, bits, group_size, axis), quantize_pack(x.clone(), bits, group_size, axis)
+    assert torch.equal(a.packed, b.packed)
+    assert torch.equal(a.scale.view(torch.int16), b.scale.view(torch.int16))
+    assert torch.equal(a.zero.view(torch.int16), b.zero.view(torch.int16))
+
+
+@SETTINGS
+@given(quant_cases(), st.data())
+def test_constant_groups_come_back_exactly(case: tuple[torch.Tensor, int, int, str], data: st.DataObject) -> None:
+    x, bits, group_size, axis = case
+    x = x.to(torch.float16)
+    value = data.draw(st.sampled_from([0.0, 1.5, -3.25, 1e-7, 60000.0]))
+    if axis == "token":  # a whole token row is constant -> all its channel groups are
+        idx = data.draw(st.integers(0, x.shape[2] - 1))
+        x[:, :, idx, :] = value
+        sel = (slice(None), slice(None), idx, slice(None))
+    else:  # a whole channel is constant -> all its token groups are
+        idx = data.draw(st.integers(0, x.shape[3] - 1))
+        x[:, :, :, idx] = value
+        sel = (slice(None), slice(None), slice(None), idx)
+    q = quantize_pack(x, bits, group_size, axis)
+    for dtype in (torch.float16, torch.float32):
+        assert torch.equal(unpack_dequantize(q, dtype)[sel], x[sel].to(dtype))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_pack_unpack_is_invertible(bits: int, rows: int, bytes_per_row: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, bytes_per_row * 8 // bits), generator=gen, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, bytes_per_row)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def test_lowest_channel_sits_in_lowest_bits() -> None:
+    assert pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_codes(torch.tensor([5, 12], dtype=torch.uint8), 4).tolist() == [5 | 12 << 4]
+    assert pack_codes(torch.tensor([7, 200], dtype=torch.uint8), 8).tolist() == [7, 200]
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_spans_below_fp16_resolution_keep_the_bound(axis: str) -> None:
+    # span / qmax underflows fp32 here; the scale must still be the smallest fp16, not 0.
+    tiny = torch.tensor([0.0, 1e-40, 3e-45, 2e-39])
+    x = torch.stack([tiny.roll(i) for i in range(4)]).reshape(1, 1, 4, 4)  # no constant row or column
+    q = quantize_pack(x, 8, 4, axis)  # type: ignore[arg-type]
+    assert bool((q.scale > 0).all())
+    err = (unpack_dequantize(q, torch.float32) - x).abs()
+    assert bool((err <= error_tolerance(x, q)).all())
+
+
+def test_partial_last_token_group_stores_no_padding() -> None:
+    x = torch.randn(1, 1, 37, 16)
+    q = quantize_pack(x, 4, 16, "channel")
+    assert q.scale.shape == (1, 1, 3, 16)
+    # The third group only sees tokens 32..36.
+    tail = x[0, 0, 32:].to(torch.float32)
+    assert torch.equal(q.zero[0, 0, 2], fp16_round_down(tail.amin(dim=0)))
+
+
+ALL_FP16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)
+FINITE_FP16 = np.unique(ALL_FP16[np.isfinite(ALL_FP16)])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-65504.0, 65504.0, width=32), min_size=1, max_size=20))
+def test_directed_fp16_rounding_matches_brute_force(values: list[float]) -> None:
+    v = torch.tensor(values, dtype=torch.float32)
+    v64 = v.double().numpy()
+    down = FINITE_FP16[np.searchsorted(FINITE_FP16, v64, side="right") - 1]
+    up = FINITE_FP16[np.searchsorted(FINITE_FP16, v64, side="left")]
+    assert np.array_equal(fp16_round_down(v).double().numpy(), down)
+    assert np.array_equal(fp16_round_up(v).double().numpy(), up)
+
+
+@pytest.mark.parametrize(
+    ("shape", "bits", "group_size", "axis", "match"),
+    [
+        ((1, 1, 4, 16), 3, 8, "token", "bits=3"),
+        ((1, 1, 4, 16), 0, 8, "token", "bits=0"),
+        ((1, 1, 4, 16), 16, 8, "token", "bits=16"),
+        ((1, 1, 4, 24), 4, 16, "token", "d=24 .*group_size=16"),
+        ((1, 1, 4, 6), 2, 2, "channel", "d=6 .*divisible by 4"),
+        ((1, 1, 4, 16), 4, 0, "token", "group_size=0"),
+        ((1, 1, 4, 16), 4, 8, "tokens", "axis='tokens'"),
+        ((4, 16), 4, 8, "token", r"\[B, H_kv, n, d\]"),
+    ],
+)
+def test_bad_arguments_are_refused(shape: tuple[int, ...], bits: int, group_size: int, axis: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        quantize_pack(torch.zeros(shape), bits, group_size, axis)  # type: ignore[arg-type]
+
+
+def test_auto_backend_on_cpu_is_the_torch_reference() -> None:
+    x = torch.randn(1, 2, 8, 16)
+    assert backends.select_backend("auto", x.device).__name__.endswith(".packing")
+    q = backends.quantize_pack(x, 4, 8, "token", backend="auto")
+    assert torch.equal(q.packed, quantize_pack(x, 4, 8, "token").packed)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        backends.quantize_pack(x, 4, 8, "token", backend="cuda")  # type: ignore[arg-type]

@@ -1,0 +1,135 @@
+"""The Triton kernels agree with the torch reference bit for bit (CPU: TRITON_INTERPRET=1).
+
+The interpreter is slow, so every shape here is tiny. ``tests/conftest.py`` switches the
+interpreter on before triton is first imported when no GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from types import ModuleType
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcomp_plugins.quantizers import MixedPrecisionQuantizer, packing
+
+pytestmark = pytest.mark.triton
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    pytest.importorskip("triton")
+    from kvcomp_plugins.quantizers import triton_kernels
+
+    if not torch.cuda.is_available() and not triton_kernels.INTERPRETED:
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
+    return triton_kernels
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _assert_same(x: torch.Tensor, bits: int, group_size: int, axis: str, kernels: ModuleType) -> None:
+    ref = packing.quantize_pack(x, bits, group_size, axis)  # type: ignore[arg-type]
+    got = kernels.quantize_pack(x, bits, group_size, axis)
+    assert torch.equal(got.packed, ref.packed)
+    assert torch.equal(got.scale.view(torch.int16), ref.scale.view(torch.int16))
+    assert torch.equal(got.zero.view(torch.int16), ref.zero.view(torch.int16))
+    assert (got.bits, got.group_size, got.axis, got.shape) == (ref.bits, ref.group_size, ref.axis, ref.shape)
+    for dtype in DTYPES:
+        assert torch.equal(kernels.unpack_dequantize(ref, dtype), packing.unpack_dequantize(ref, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernels_match_reference(bits: int, axis: str, dtype: torch.dtype, kernels: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(bits * 10 + len(axis))
+    x = (torch.randn(1, 2, 16, 64, generator=gen) * 3).to(dtype).to(_device())
+    x[0, 0, 3] = 1.25  # a constant token row
+    x[0, 1, :, 5] = -2.0  # a constant channel
+    _assert_same(x, bits, 32, axis, kernels)
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_ragged_shapes_match_reference(axis: str, kernels: ModuleType) -> None:
+    # d = 48 is not a power of two (masked lanes); n = 13 leaves a partial token group.
+    x = torch.randn(2, 1, 13, 48, generator=torch.Generator().manual_seed(7)).to(_device())
+    _assert_same(x, 2, 16, axis, kernels)
+    _assert_same(x, 4, 8 if axis == "token" else 5, axis, kernels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from(["token", "channel"]),
+    n=st.integers(1, 9),
+    exponent=st.sampled_from([-140, -130, -40, -24, -20, -16, -10, -4, 0, 4]),
+    offset=st.sampled_from([0.0, -1e-6, 250.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_edge_magnitudes_match_reference(
+    bits: int, axis: str, n: int, exponent: int, offset: float, seed: int, kernels: ModuleType
+) -> None:
+    # Tiny spans hit fp16 subnormal scales and the zero crossing of the directed rounding.
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, n, 16, generator=gen) * 2.0**exponent + offset
+    _assert_same(x.to(_device()), bits, 8, axis, kernels)
+
+
+def test_quantizer_triton_backend_stores_the_same_bytes(kernels: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 2, 2, 40, 32, generator=gen).to(torch.float16).to(_device())
+    positions = torch.arange(40, device=keys.device).repeat(2, 1)
+    positions[1, :5] = -1
+    protected = (positions >= 0) & (positions < 2)
+    scores = torch.rand(2, 2, 40, generator=gen).to(keys.device)
+    params = dict(frac_8bit=0.25, frac_4bit=0.25, frac_2bit=0.25, frac_drop=0.25, group_size=8, residual_length=6)
+    layers = [
+        MixedPrecisionQuantizer(backend=backend, **params).compress(keys, values, positions, scores, protected)
+        for backend in ("torch", "triton")
+    ]
+    assert [t.bits for t in layers[0].tiers] == [t.bits for t in layers[1].tiers] == [8, 4, 2]
+    for ref, got in zip(layers[0].tiers, layers[1].tiers):
+        for a, b in ((ref.keys, got.keys), (ref.values, got.values)):
+            assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+        assert torch.equal(ref.positions, got.positions)
+    assert layers[0].kv_bytes == layers[1].kv_bytes
+
+
+def _run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cpu_backends_without_interpreter() -> None:
+    """Without TRITON_INTERPRET, 'auto' stays on torch and never imports triton; 'triton' is refused."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = _run_python(
+        """
+        import sys, torch
+        from kvcomp_plugins.quantizers import MixedPrecisionQuantizer, backends
+        x = torch.randn(1, 1, 8, 16)
+        q = MixedPrecisionQuantizer(residual_length=2, group_size=8)
+        q.compress(x, x, torch.arange(8)[None], None, torch.zeros(1, 8, dtype=torch.bool))
+        assert "triton" not in sys.modules, "auto on CPU imported triton"
+        try:
+            backends.quantize_pack(x, 4, 8, "token", backend="triton")
+        except RuntimeError as exc:
+            print("REFUSED:", exc)
+        """,
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "REFUSED:" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
