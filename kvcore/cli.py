@@ -11,7 +11,7 @@ from typing import Any, Callable
 import yaml
 
 from kvcore.config import CompressionConfig, ConfigError, load_config, preset_names
-from kvcore.plugins import get_plugin_manager
+from kvcore.plugins import PluginLoadError, get_plugin_manager
 from kvcore.registry import ComponentError, get_registry
 
 Handler = Callable[[argparse.Namespace], int]
@@ -42,7 +42,10 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(raw)
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
     return config.with_overrides(overrides) if overrides else config
 
 
@@ -198,8 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command("prepare", "convert/locate a model once and print the folder it loads from", cmd_model_prepare, model_sub)
     p.add_argument("name", nargs="?", default="smollm2-135m")
 
-    get_plugin_manager().hook.register_commands(subparsers=sub, add_command=add_command)
+    from kvcore.demo import add_demo_command
+
+    add_demo_command(add_command)
+    _add_plugin_commands(sub, add_command)
     return parser
+
+
+def _add_plugin_commands(sub: Any, add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Call every plugin's ``register_commands``; a command name taken twice names both owners."""
+    pm = get_plugin_manager()
+    owners = {name: "kvcomp itself" for name in sub.choices}
+    for impl in pm.hook.register_commands.get_hookimpls():
+        info = pm.info(impl.plugin_name)
+        owner = f"plugin {info.name!r} from distribution {info.distribution!r} ({info.module})"
+
+        def plugin_add_command(
+            name: str, help: str, handler: Handler, parent: Any = sub, _owner: str = owner
+        ) -> argparse.ArgumentParser:
+            if parent is sub:
+                if name in owners:
+                    raise PluginLoadError(f"{_owner} adds the command {name!r}, which {owners[name]} already has")
+                owners[name] = _owner
+            return add_command(name, help, handler, parent)
+
+        kwargs = {"subparsers": sub, "add_command": plugin_add_command}
+        impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
 
 
 def _positive_int(text: str) -> int:
@@ -222,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.handler(args))
-    except (ConfigError, ComponentError, UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (
+        ConfigError, ComponentError, PluginLoadError, UsageError, ValueError, FileNotFoundError, PermissionError
+    ) as exc:
         print(f"kvcomp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -97,17 +97,28 @@ class CompressionConfig(BaseModel):
     def with_overrides(self, overrides: dict[str, Any]) -> "CompressionConfig":
         """Apply dotted overrides such as ``{"scorer.alpha": 0.5, "quantizer.name": "uniform"}``."""
         data = self.to_dict()
-        for dotted, value in overrides.items():
+
+        def order(dotted: str) -> int:
+            # Whole sections, then component names, then parameters: a name change resets the
+            # section to that component's defaults, which must not wipe a parameter given with it.
+            return 0 if "." not in dotted else 1 if dotted.endswith(".name") else 2
+
+        for dotted, value in sorted(overrides.items(), key=lambda item: order(item[0])):
             head, _, tail = dotted.partition(".")
             if tail:
                 if head not in ("scorer", "quantizer", "propagator"):
                     raise ConfigError(f"override {dotted!r}: only scorer.*, quantizer.*, propagator.* take sub-fields")
-                if tail == "name" and value != data[head].get("name"):
+                section = data[head]
+                if not isinstance(section, dict):
+                    raise ConfigError(f"override {dotted!r}: {head} was set to {section!r}, which has no fields")
+                if tail == "name" and value != section.get("name"):
                     data[head] = {"name": value}  # a new component starts from its own defaults
                 else:
-                    data[head][tail] = value
+                    section[tail] = value
+            elif head in ("scorer", "quantizer", "propagator") and isinstance(value, str):
+                data[head] = {"name": value}  # the shorthand, spelt out so sub-field overrides can extend it
             else:
-                data[head] = value
+                data[head] = dict(value) if isinstance(value, dict) else value
         return CompressionConfig.from_dict(data)
 
     # -- (de)serialisation ---------------------------------------------------------------------
@@ -138,7 +149,10 @@ class CompressionConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from exc
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -172,6 +172,36 @@ class KVCompPipeline:
         )
 
 
+    @torch.no_grad()
+    def continuation_logprobs(
+        self,
+        prompt: str,
+        continuation_ids: list[int],
+        *,
+        question_span: tuple[int, int] | None = None,
+        truncate: Literal["error", "middle"] = "error",
+    ) -> Tensor:
+        """Log-probabilities ``[T + 1, V]`` float32 of the next token after the prompt and after each
+        of the ``T`` given continuation tokens, read through this pipeline's cache.
+
+        The prompt is prefilled (and compressed); the continuation is then fed as ordinary decode
+        tokens, so every row after the first shows what the *compressed* cache lets the model see.
+        Teacher-forcing the uncompressed model's own output this way is how fidelity (KL) is measured.
+        """
+        input_ids, window = self.encode(prompt, question_span, len(continuation_ids) + 1, truncate)
+        device = next(self.model.parameters()).device
+        cache: Any = self.model.new_cache(window) if self.model.compressor is not None else DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids.to(device), cache=cache, use_cache=True)
+        rows = [out.logits[:, -1].float()]
+        if continuation_ids:
+            cont = torch.tensor([continuation_ids], dtype=torch.long, device=device)
+            n = input_ids.shape[1]
+            positions = torch.arange(n, n + cont.shape[1], device=device)[None]
+            out = self.model(input_ids=cont, cache=out.cache, position_ids=positions, use_cache=True)
+            rows.append(out.logits[0].float())
+        return torch.log_softmax(torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]), dim=-1).cpu()
+
+
 def _truncate_middle(ids: Tensor, window: Tensor | None, budget: int) -> tuple[Tensor, Tensor | None]:
     """Keep the first ``budget // 2`` and the last ``budget - budget // 2`` tokens (LongBench's rule)."""
     head, tail = budget // 2, budget - budget // 2

@@ -1,7 +1,8 @@
 """The plugin manager: loads every distribution that registered a ``kvcomp.plugins`` entry point.
 
-Set ``KVCOMP_PLUGINS`` to a comma-separated list of entry-point names to load only those
-(handy for tests and debugging); leave it unset to load all.
+Set ``KVCOMP_PLUGINS`` to a comma-separated list of entry-point names (``scorers``) or
+distribution-qualified names (``kvcomp:scorers``) to load only those (handy for tests and
+debugging); leave it unset to load all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import pluggy
 from kvcore import hookspecs
 
 PLUGINS_ENV = "KVCOMP_PLUGINS"
+
+
+class PluginLoadError(RuntimeError):
+    """An entry-point plugin could not be imported; the message names it and its distribution."""
 
 
 @dataclass(frozen=True)
@@ -37,22 +42,36 @@ class PluginManager(pluggy.PluginManager):
         self._infos: dict[str, PluginInfo] = {}
 
     def load_entry_points(self, allowed: set[str] | None = None) -> None:
-        """Load the ``kvcomp.plugins`` entry points (only ``allowed`` names, if given)."""
+        """Load the ``kvcomp.plugins`` entry points.
+
+        ``allowed`` narrows loading to entry points whose name (``scorers``) or
+        distribution-qualified name (``kvcomp:scorers``) it contains; ``None`` loads all.
+        """
         for ep in importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
-            if allowed is not None and ep.name not in allowed:
+            dist = (ep.dist.metadata["Name"] if ep.dist is not None else None) or "unknown distribution"
+            qualified = f"{dist}:{ep.name}"
+            if allowed is not None and ep.name not in allowed and qualified not in allowed:
                 continue
-            if self.get_plugin(ep.name) is not None:
-                continue  # the same distribution found twice on sys.path
-            dist = ep.dist.metadata["Name"] if ep.dist is not None else "unknown distribution"
+            module = ep.value.split(":")[0]
+            name = ep.name
+            if self.get_plugin(name) is not None:
+                known = self._infos.get(name)
+                if known is not None and (known.distribution, known.module) == (dist, module):
+                    continue  # the same distribution found twice on sys.path
+                # Entry-point names are only unique within one distribution; a second
+                # distribution reusing one (say ``scorers``) must still load.
+                name = qualified
+                if self.get_plugin(name) is not None:
+                    continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must say who it is
-                raise RuntimeError(
+                raise PluginLoadError(
                     f"kvcomp plugin {ep.name!r} from distribution {dist!r} failed to load "
-                    f"({ep.value}): {exc}"
+                    f"({ep.value}): {type(exc).__name__}: {exc}; leave it out with {PLUGINS_ENV}"
                 ) from exc
-            self.register(plugin, name=ep.name)
-            self._infos[ep.name] = PluginInfo(ep.name, dist, ep.value.split(":")[0])
+            self.register(plugin, name=name)
+            self._infos[name] = PluginInfo(name, dist, module)
 
     def info(self, plugin_name: str) -> PluginInfo:
         """Provenance of a plugin; one registered by hand reports ``(registered in-process)``."""

@@ -69,7 +69,15 @@ class ComponentRegistry:
                     ComponentSpec(kind, name, factory, config_model, description, _info.distribution, module, _info.name)
                 )
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except ComponentError:
+                raise
+            except Exception as exc:  # a plugin's own bug must still say whose it is
+                raise ComponentError(
+                    f"plugin {info.name!r} from distribution {info.distribution!r} ({info.module}) failed in "
+                    f"register_components: {type(exc).__name__}: {exc}"
+                ) from exc
         return registry
 
     def add(self, spec: ComponentSpec) -> None:

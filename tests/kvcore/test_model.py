@@ -1,0 +1,179 @@
+"""CompressedLlamaForCausalLM and CompressedKVCache on tiny random LLaMA models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config
+
+from kvcore.cache import CompressedKVCache
+from kvcore.compressor import RealTimePrefillCompressor
+from kvcore.config import CompressionConfig
+from kvcore.model import CompressedLlamaForCausalLM, check_llama_config
+from kvcore.types import tensor_bytes
+
+from tiny_models import tiny_config
+
+PROPAGATE = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}}
+
+
+def _config(preset: str, **overrides) -> CompressionConfig:
+    return CompressionConfig.from_preset(preset).with_overrides(overrides)
+
+
+def _ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 98, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _teacher_forced_logprobs(model, ids: torch.Tensor, cont: torch.Tensor, cache=None) -> torch.Tensor:
+    """Log-probs after the prompt and after each continuation token, read through the model's cache."""
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    n = ids.shape[1]
+    pos = torch.arange(n, n + cont.shape[1])[None]
+    out2 = model(input_ids=cont, cache=out.cache, position_ids=pos, use_cache=True)
+    return torch.log_softmax(torch.cat([out.logits[:, -1:], out2.logits], dim=1).float(), dim=-1)
+
+
+@torch.no_grad()
+def test_identity_compressor_reproduces_the_stock_model(model_pair):
+    ours, stock = model_pair
+    ours.compressor = RealTimePrefillCompressor(window_size=8)  # every component none: fp16 storage only
+    try:
+        ids = _ids(120)
+        ref = stock.generate(ids, max_new_tokens=12, do_sample=False)
+        got = ours.generate(ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(ref, got)
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_lossless8_logits_match_uncompressed(model_pair):
+    ours, stock = model_pair
+    ours.set_compression(_config("lossless8", **{"quantizer.residual_length": 16}))
+    ids, cont = _ids(400), _ids(8, seed=7)
+    ref = _teacher_forced_logprobs(stock, ids, cont)
+    got = _teacher_forced_logprobs(ours, ids, cont)
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    assert isinstance(ours.new_cache(), CompressedKVCache)
+    assert float(kl.max()) < 1e-3, kl
+    assert torch.equal(ref.argmax(-1), got.argmax(-1))
+    ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_padded_batch_generate_matches_stock_with_identity_compressor(model_pair):
+    ours, stock = model_pair
+    ours.compressor = RealTimePrefillCompressor(window_size=8)
+    try:
+        ids = _ids(60, batch=2)
+        mask = torch.ones_like(ids)
+        mask[0, :9] = 0
+        ref = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ref, got)
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_generate_samples_on_the_compressed_cache(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("default"))
+    ids = _ids(200, batch=2)
+    torch.manual_seed(3)
+    a = ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(3)
+    b = ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0)
+    assert a.shape == (2, 206) and torch.equal(a, b)
+    ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_propagation_thins_the_stream_and_keeps_original_positions(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("propagate-only", **PROPAGATE))
+    n = 200
+    out = ours(input_ids=_ids(n))
+    cache = out.cache
+    assert cache.prefill_stats["tokens_per_layer_in_stream"] == [n, n, n // 2, n // 4]
+    assert cache.tokens_kept_per_layer() == [n, n, n // 2, n // 4]
+    for idx in range(4):
+        pos = cache.layer(idx).compressed.residual_positions[0, 0]
+        assert torch.all(pos[1:] > pos[:-1]), "kept tokens stay sorted by original position"
+        assert int(pos[-1]) == n - 1, "the last prompt token always continues"
+        assert set(range(4)) <= set(pos.tolist()), "sinks always continue"
+    ours.set_compression(CompressionConfig())
+
+
+def _stored_tensors(cache: CompressedKVCache):
+    for i in range(len(cache.layers)):
+        layer = cache.layer(i)
+        c = layer.compressed
+        yield from (c.residual_keys, c.residual_values, c.residual_positions)
+        for tier in [*c.tiers, *layer.flushed]:
+            yield from (tier.positions, tier.keys.packed, tier.keys.scale, tier.keys.zero)
+            yield from (tier.values.packed, tier.values.scale, tier.values.zero)
+        if layer.buffer_keys is not None:
+            yield from (layer.buffer_keys, layer.buffer_values, layer.buffer_positions)
+
+
+@torch.no_grad()
+def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("default", **{"quantizer.residual_length": 8, "quantizer.flush_tokens": 4}))
+    out = ours(input_ids=_ids(150))
+    cache = out.cache
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(20):
+        out = ours(input_ids=token, cache=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert cache.get_seq_length() == 170
+    assert all(len(cache.layer(i).flushed) >= 3 for i in range(4)), "generated tokens past R were quantised"
+    assert cache.kv_bytes == sum(tensor_bytes(t) for t in _stored_tensors(cache))
+    assert cache.kv_bytes < cache.kv_bytes_fp16_full()
+    ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_same_inputs_give_the_same_cache_bytes(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("fast", **PROPAGATE))
+    caches = [ours(input_ids=_ids(180)).cache for _ in range(2)]
+    for a, b in zip(*(list(_stored_tensors(c)) for c in caches)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    ours.set_compression(CompressionConfig())
+
+
+def test_non_llama_config_is_refused_with_its_architecture():
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        check_llama_config(GPT2Config())
+
+
+@torch.no_grad()
+def test_bad_prompts_and_mismatched_caches_are_refused(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("default"))
+    with pytest.raises(ValueError, match="exceeds the model's 2048 positions"):
+        ours(input_ids=_ids(2049))
+    other = CompressedLlamaForCausalLM(tiny_config(num_hidden_layers=2)).eval()
+    other.set_compression(_config("default"))
+    foreign = other(input_ids=_ids(50)).cache
+    with pytest.raises(ValueError, match="belongs to another model"):
+        ours(input_ids=_ids(1), cache=foreign, use_cache=True)
+    with pytest.raises(ValueError, match="empty"):
+        ours(input_ids=_ids(1), cache=CompressedKVCache(4), use_cache=True)
+    ids = _ids(30)
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        ours(input_ids=ids, attention_mask=mask)
+    ours.set_compression(CompressionConfig())
+
+
+def test_a_schedule_naming_a_missing_layer_is_refused_before_any_work(model_pair):
+    ours, _ = model_pair
+    bad = _config("propagate-only", **{"propagator.keep_ratio_by_layer": {9: 0.5}})
+    with pytest.raises(ValueError, match="9"):
+        ours.set_compression(bad)
+    assert ours.compressor is None, "a refused config leaves the model as it was"

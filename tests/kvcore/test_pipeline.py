@@ -1,0 +1,81 @@
+"""KVCompPipeline: prompts in, text and measured cache cost out (tiny random LLaMA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcore.config import CompressionConfig
+from kvcore.pipeline import KVCompPipeline
+
+PROMPT = "the quick brown fox jumps over the lazy dog. " * 10 + "What does the fox do?"
+
+
+@pytest.fixture()
+def pipe(model_pair, tokenizer):
+    ours, _ = model_pair
+    pipeline = KVCompPipeline(ours, tokenizer, CompressionConfig.from_preset("full"))
+    yield pipeline
+    ours.set_compression(CompressionConfig())
+
+
+def test_question_span_becomes_the_token_window(pipe):
+    start = PROMPT.index("What")
+    ids, window = pipe.encode(PROMPT, (start, len(PROMPT)))
+    assert ids.shape == (1, len(PROMPT))  # one token per character
+    assert window.tolist() == list(range(start, len(PROMPT)))
+
+
+def test_middle_truncation_keeps_both_ends_and_moves_the_window(pipe):
+    long = "a" * 1500 + "b" * 1500 + "Q?"
+    with pytest.raises(ValueError, match="middle truncation"):
+        pipe.encode(long, max_new_tokens=8)
+    ids, window = pipe.encode(long, (len(long) - 2, len(long)), max_new_tokens=8, truncate="middle")
+    text = "".join(pipe.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+    assert ids.shape[1] == 2048 - 8 and text.startswith("a" * 100) and text.endswith("b" * 100 + "Q?")
+    assert window.tolist() == [2038, 2039]
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_prompt_is_refused(pipe, bad):
+    with pytest.raises(ValueError, match="empty"):
+        pipe.generate(bad)
+
+
+def test_bad_span_and_token_budget_are_refused(pipe):
+    with pytest.raises(ValueError, match="question_span"):
+        pipe.encode(PROMPT, (5, len(PROMPT) + 3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        pipe.generate(PROMPT, max_new_tokens=0)
+
+
+def test_generation_reports_real_cache_cost(pipe):
+    full = pipe.generate(PROMPT, max_new_tokens=6)
+    pipe.set_config(CompressionConfig.from_preset("default"))
+    span = (PROMPT.index("What"), len(PROMPT))
+    comp = pipe.generate(PROMPT, max_new_tokens=6, question_span=span)
+    n_tokens = len(PROMPT) + 5  # the last generated token is never fed back
+    head_dim = 128 // 4
+    assert comp.kv_bytes_fp16_full == full.kv_bytes_fp16_full == 2 * 4 * 2 * n_tokens * head_dim * 2
+    assert full.kv_bytes == 2 * full.kv_bytes_fp16_full  # the stock cache holds fp32 on CPU
+    assert comp.kv_bytes < comp.kv_bytes_fp16_full
+    assert comp.avg_bits == pytest.approx(16 * comp.kv_bytes / comp.kv_bytes_fp16_full)
+    assert len(comp.tokens_kept_per_layer) == 4 and max(comp.tokens_kept_per_layer) < n_tokens
+    assert comp.ttft_s > 0 and comp.peak_rss_bytes > 0 and comp.first_token_logprobs.shape == (98,)
+
+
+def test_continuation_logprobs_are_exact_for_the_identity_and_close_for_lossless8(pipe):
+    cont = [70, 71, 72, 73]
+    ref = pipe.continuation_logprobs(PROMPT, cont)
+    assert ref.shape == (5, 98)
+    pipe.set_config(CompressionConfig.from_preset("lossless8"))
+    got = pipe.continuation_logprobs(PROMPT, cont)
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    assert float(kl.max()) < 1e-3
+
+
+def test_seeded_sampling_is_reproducible(pipe):
+    a = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
+    b = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
+    assert a.token_ids == b.token_ids
+    torch.manual_seed(0)

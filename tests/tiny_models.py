@@ -1,0 +1,31 @@
+"""Tiny random LLaMA models and a character tokenizer for tests, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character; offsets map 1:1 to characters."""
+    specials = ["[UNK]", "[PAD]", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    params = dict(
+        vocab_size=98,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
