@@ -31,6 +31,7 @@ from kvcomp_eval.longbench import (
     build_prompt,
     prepare_prompt,
     summarize_scores,
+    summarize_scores_by_length,
 )
 from kvcomp_eval.metrics import METRICS, TASK_METRIC_NAMES, TASK_METRICS, score_prediction
 from kvcomp_eval.metrics_summary import CompressionMetrics, generation_metrics
@@ -94,4 +95,5 @@ __all__ = [
     "score_prediction",
     "summarize_probe_rows",
     "summarize_scores",
+    "summarize_scores_by_length",
 ]

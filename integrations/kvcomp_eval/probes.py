@@ -1,0 +1,583 @@
+"""Synthetic long-context probes: facts hidden at a chosen depth in filler text of a chosen length.
+
+Four probes, each deterministic by seed:
+
+- ``passkey``: one five-digit pass key in the filler; "What is the pass key?".
+- ``multi_needle``: several ``key -> number`` facts; ask for the number of one key (the
+  others are distractors).
+- ``multi_value``: several numbers for the same key; ask for all of them.
+- ``variable_tracking``: a chain of assignments ``VAR A = 12345``, ``VAR B = VAR A``, ... plus
+  distractor chains with other values; ask which variables hold the value.
+
+Lengths are in tokens of the generator's tokenizer (the whole prompt, template included, fits
+in ``length`` and is as close to it as whole filler sentences allow). Depth is the fraction of
+the filler that comes before the (first) fact: 0 at the start of the context, 1 at its end.
+The question always comes after the context and the prompt ends with a short answer prefix
+("The pass key is"), which small models need.
+
+Scoring: the share of the gold answers found in the output as whole numbers/words.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from kvcomp_eval.metrics_summary import generation_metrics
+from kvcomp_eval.protocols import TextGenerator
+from kvcomp_eval.tokenization import count_prompt_tokens
+from kvcore.types import GenerationResult
+
+__all__ = [
+    "PROBES",
+    "ProbeName",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "Filler",
+    "ProbeExample",
+    "ProbeSpec",
+    "build_probe",
+    "ProbeEvalConfig",
+    "ProbeEvaluator",
+    "summarize_probe_rows",
+]
+
+ProbeName = Literal["passkey", "multi_needle", "multi_value", "variable_tracking"]
+PROBES: tuple[str, ...] = ("passkey", "multi_needle", "multi_value", "variable_tracking")
+
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
+    "passkey": 12,
+    "multi_needle": 16,
+    "multi_value": 64,
+    "variable_tracking": 40,
+}
+"""Tokens to generate per probe: enough for the answer, short enough to be cheap."""
+
+# Plain, self-similar sentences: easy for a model to skip, so the probe measures retrieval.
+_DEFAULT_FILLER: tuple[str, ...] = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is warm.",
+    "The river runs down to the sea.",
+    "Here we go again.",
+)
+
+# Keys of the multi-needle probes: short, distinct, one token or two in most vocabularies.
+_KEY_WORDS: tuple[str, ...] = (
+    "apple", "river", "candle", "tiger", "window", "garden", "violin", "rocket", "pepper", "island",
+    "hammer", "forest", "silver", "dragon", "mirror", "rabbit", "planet", "button", "castle", "meadow",
+    "lemon", "anchor", "falcon", "harbor", "pillow", "ladder", "marble", "orange", "saddle", "tunnel",
+)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+class Filler:
+    """Sentences that pad a probe to its length; used cyclically from a seed-chosen start.
+
+    Parameters
+    ----------
+    sentences:
+        The filler units, in order; a fact is only ever inserted between two of them.
+    """
+
+    def __init__(self, sentences: Sequence[str]) -> None:
+        units = [" ".join(s.split()) for s in sentences]
+        units = [u for u in units if u]
+        if not units:
+            raise ValueError("filler needs at least one non-empty sentence")
+        self.sentences: tuple[str, ...] = tuple(units)
+
+    @classmethod
+    def default(cls) -> Filler:
+        """The built-in repetitive filler."""
+        return cls(_DEFAULT_FILLER)
+
+    @classmethod
+    def from_dir(cls, haystack_dir: str | os.PathLike[str]) -> Filler:
+        """Sentences of every ``*.txt`` file in ``haystack_dir``, files in name order."""
+        path = Path(haystack_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"haystack folder not found: {path}")
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no *.txt files in haystack folder {path}")
+        sentences: list[str] = []
+        for file in files:
+            text = file.read_text(encoding="utf-8", errors="replace")
+            sentences.extend(_SENTENCE_END.split(" ".join(text.split())))
+        return cls(sentences)
+
+    def take(self, n: int, start: int) -> list[str]:
+        """``n`` sentences from index ``start`` on, wrapping around."""
+        k = len(self.sentences)
+        return [self.sentences[(start + i) % k] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """The content of one probe example before filler is added.
+
+    Attributes:
+        intro: text before the context.
+        facts: ``(fraction, sentence)``; each sentence goes after ``round(fraction * n)`` filler
+            sentences, in this order for equal slots.
+        question: the question, asked after the context.
+        answer_prefix: start of the answer, the last text of the prompt.
+        answers: gold strings the output should contain.
+    """
+
+    intro: str
+    facts: tuple[tuple[float, str], ...]
+    question: str
+    answer_prefix: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProbeExample:
+    """One probe prompt.
+
+    Attributes:
+        probe: probe name.
+        prompt: complete model input.
+        question_span: character offsets ``[start, end)`` of the question in ``prompt``.
+        answers: gold strings.
+        length: requested length in tokens.
+        prompt_tokens: actual length in tokens (``<= length``).
+        depth: fraction of the filler before the first fact.
+        index: example number within its (length, depth) cell.
+        seed: base seed.
+    """
+
+    probe: str
+    prompt: str
+    question_span: tuple[int, int]
+    answers: tuple[str, ...]
+    length: int
+    prompt_tokens: int
+    depth: float
+    index: int
+    seed: int
+
+    def score(self, prediction: str) -> float:
+        """Share of the gold answers found in ``prediction`` as whole numbers or words."""
+        found = sum(_contains_whole(prediction, a) for a in self.answers)
+        return found / len(self.answers)
+
+
+def _contains_whole(text: str, needle: str) -> bool:
+    # "12345" must not count inside "123456", nor a name inside a longer name.
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(needle)}(?![A-Za-z0-9])", text) is not None
+
+
+def _distinct_numbers(rng: random.Random, n: int, digits: int) -> list[str]:
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    return [str(v) for v in rng.sample(range(low, high + 1), n)]
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < n:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+_INTRO_FACT = (
+    "There is important information hidden inside a lot of irrelevant text. "
+    "Find it and remember it. I will ask you about it.\n\n"
+)
+
+
+def _spec_passkey(rng: random.Random, depth: float, **_: int) -> ProbeSpec:
+    key = _distinct_numbers(rng, 1, 5)[0]
+    fact = f"The pass key is {key}. Remember it. {key} is the pass key."
+    return ProbeSpec(
+        intro=_INTRO_FACT,
+        facts=((depth, fact),),
+        question="What is the pass key?",
+        answer_prefix="The pass key is",
+        answers=(key,),
+    )
+
+
+def _spec_multi_needle(rng: random.Random, depth: float, *, n_needles: int, **_: int) -> ProbeSpec:
+    keys = rng.sample(_KEY_WORDS, n_needles)
+    values = _distinct_numbers(rng, n_needles, 7)
+    facts = [(depth, f"One of the special magic numbers for {keys[0]} is: {values[0]}.")]
+    facts += [(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, v in zip(keys[1:], values[1:])]
+    return ProbeSpec(
+        intro=_INTRO_FACT,
+        facts=tuple(facts),
+        question=f"What is the special magic number for {keys[0]}?",
+        answer_prefix=f"The special magic number for {keys[0]} is",
+        answers=(values[0],),
+    )
+
+
+def _spec_multi_value(rng: random.Random, depth: float, *, n_values: int, **_: int) -> ProbeSpec:
+    key = rng.choice(_KEY_WORDS)
+    values = _distinct_numbers(rng, n_values, 7)
+    facts = [(depth, f"One of the special magic numbers for {key} is: {values[0]}.")]
+    facts += [(rng.random(), f"One of the special magic numbers for {key} is: {v}.") for v in values[1:]]
+    return ProbeSpec(
+        intro=_INTRO_FACT,
+        facts=tuple(facts),
+        question=f"What are all the special magic numbers for {key}?",
+        answer_prefix=f"The special magic numbers for {key} are",
+        answers=tuple(values),
+    )
+
+
+def _chain(names: Sequence[str], value: str, start: float, rng: random.Random) -> list[tuple[float, str]]:
+    # Links go in text order after ``start``, so every variable is defined before it is used.
+    fractions = [start] + sorted(start + (1.0 - start) * rng.random() for _ in names[1:])
+    statements = [f"VAR {names[0]} = {value}."]
+    statements += [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    return list(zip(fractions, statements))
+
+
+def _spec_variable_tracking(
+    rng: random.Random, depth: float, *, chain_length: int, n_distractor_chains: int, **_: int
+) -> ProbeSpec:
+    n_chains = 1 + n_distractor_chains
+    names = _names(rng, chain_length * n_chains)
+    values = _distinct_numbers(rng, n_chains, 5)
+    facts = _chain(names[:chain_length], values[0], depth, rng)
+    for c in range(1, n_chains):
+        chain_names = names[c * chain_length : (c + 1) * chain_length]
+        facts += _chain(chain_names, values[c], rng.random(), rng)
+    return ProbeSpec(
+        intro=(
+            "Memorize and track the chain(s) of variable assignments hidden in the following text.\n\n"
+        ),
+        facts=tuple(facts),
+        question=f"Find all variables that are assigned the value {values[0]} in the text above.",
+        answer_prefix=f"The variables assigned the value {values[0]} are:",
+        answers=tuple(names[:chain_length]),
+    )
+
+
+_SPEC_BUILDERS: dict[str, Callable[..., ProbeSpec]] = {
+    "passkey": _spec_passkey,
+    "multi_needle": _spec_multi_needle,
+    "multi_value": _spec_multi_value,
+    "variable_tracking": _spec_variable_tracking,
+}
+
+
+def _render(
+    spec: ProbeSpec,
+    filler_units: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    use_chat_template: bool,
+) -> tuple[str, tuple[int, int]]:
+    n = len(filler_units)
+    slots: dict[int, list[str]] = {}
+    for fraction, sentence in spec.facts:
+        slots.setdefault(min(n, max(0, round(fraction * n))), []).append(sentence)
+    parts: list[str] = []
+    for i in range(n + 1):
+        parts.extend(slots.get(i, ()))
+        if i < n:
+            parts.append(filler_units[i])
+    context = " ".join(parts)
+    if use_chat_template:
+        user = f"{spec.intro}{context}\n\n{spec.question}"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        prompt = f"{rendered}{spec.answer_prefix}"
+    else:
+        prompt = f"{spec.intro}{context}\n\nQuestion: {spec.question}\nAnswer: {spec.answer_prefix}"
+    start = prompt.rfind(spec.question)
+    return prompt, (start, start + len(spec.question))
+
+
+def build_probe(
+    probe: str,
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    depth: float,
+    *,
+    index: int = 0,
+    seed: int = 0,
+    filler: Filler | None = None,
+    use_chat_template: bool | None = None,
+    n_needles: int = 4,
+    n_values: int = 4,
+    chain_length: int = 4,
+    n_distractor_chains: int = 1,
+) -> ProbeExample:
+    """Build one probe prompt of at most ``length`` tokens with its first fact at ``depth``.
+
+    The content (numbers, keys, names, filler start, distractor places) depends only on
+    ``(seed, probe, index)``, so the same fact is hidden at every length and depth of a sweep.
+    ``use_chat_template=None`` wraps the prompt in the tokenizer's chat template when it has
+    one (instruction-tuned models retrieve far better that way).
+    """
+    if probe not in _SPEC_BUILDERS:
+        raise ValueError(f"unknown probe {probe!r}; known probes: {', '.join(PROBES)}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int (tokens), got {length!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template and not has_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+    chat = has_template if use_chat_template is None else use_chat_template
+    filler = filler if filler is not None else Filler.default()
+    rng = random.Random(f"{seed}:{probe}:{index}")
+    spec = _SPEC_BUILDERS[probe](
+        rng,
+        depth,
+        n_needles=n_needles,
+        n_values=n_values,
+        chain_length=chain_length,
+        n_distractor_chains=n_distractor_chains,
+    )
+    start = rng.randrange(len(filler.sentences))
+
+    def tokens_with(n: int) -> tuple[int, str, tuple[int, int]]:
+        prompt, span = _render(spec, filler.take(n, start), tokenizer, chat)
+        return count_prompt_tokens(tokenizer, prompt), prompt, span
+
+    n_tokens, prompt, span = tokens_with(0)
+    if n_tokens > length:
+        raise ValueError(f"length {length} is too short for probe {probe!r}: it needs at least {n_tokens} tokens")
+    # Largest filler count that fits: grow exponentially, then bisect (the count is monotone in n).
+    lo, hi = 0, 1
+    while (fit := tokens_with(hi))[0] <= length:
+        lo, hi = hi, hi * 2
+        n_tokens, prompt, span = fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        fit = tokens_with(mid)
+        if fit[0] <= length:
+            lo = mid
+            n_tokens, prompt, span = fit
+        else:
+            hi = mid
+    return ProbeExample(
+        probe=probe,
+        prompt=prompt,
+        question_span=span,
+        answers=spec.answers,
+        length=length,
+        prompt_tokens=n_tokens,
+        depth=float(depth),
+        index=index,
+        seed=seed,
+    )
+
+
+class ProbeEvalConfig(BaseModel):
+    """What a probe sweep runs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    probe: ProbeName = "passkey"
+    lengths: tuple[int, ...] = Field(default=(512, 1024, 2048), min_length=1)
+    """Prompt lengths in tokens."""
+    depths: tuple[float, ...] = Field(default=(0.0, 0.25, 0.5, 0.75, 1.0), min_length=1)
+    """Fractions of the filler before the (first) fact, in [0, 1]."""
+    n_per_cell: int = Field(default=5, ge=1)
+    """Examples per (length, depth)."""
+    seed: int = 0
+    use_question_span: bool = True
+    """Pass the question's character span to the generator (else it uses the last W tokens)."""
+    haystack_dir: Path | None = None
+    """Folder of ``*.txt`` filler text; ``None`` uses the built-in repetitive filler."""
+    use_chat_template: bool | None = None
+    """Wrap the prompt in the tokenizer's chat template, the answer prefix after it; ``None``:
+    when the tokenizer has one."""
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """``None``: :data:`DEFAULT_MAX_NEW_TOKENS` for the probe."""
+    n_needles: int = Field(default=4, ge=1, le=len(_KEY_WORDS))
+    n_values: int = Field(default=4, ge=1, le=64)
+    chain_length: int = Field(default=4, ge=1, le=64)
+    n_distractor_chains: int = Field(default=1, ge=0, le=16)
+    progress: bool = True
+
+    @field_validator("lengths")
+    @classmethod
+    def _positive_lengths(cls, lengths: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [n for n in lengths if n < 1]
+        if bad:
+            raise ValueError(f"lengths must be positive token counts, got {bad}")
+        return lengths
+
+    @field_validator("depths")
+    @classmethod
+    def _unit_depths(cls, depths: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [d for d in depths if not (math.isfinite(d) and 0.0 <= d <= 1.0)]
+        if bad:
+            raise ValueError(f"depths must lie in [0, 1], got {bad}")
+        return depths
+
+
+class ProbeEvaluator:
+    """Runs a probe sweep (lengths x depths x n_per_cell) through a generator.
+
+    Parameters mirror :class:`ProbeEvalConfig`. Lists are accepted for ``lengths``/``depths``
+    and ints for depths (``0``, ``1``).
+
+    Rows (JSON-ready) hold ``probe``, ``length``, ``depth``, ``index``, ``score``,
+    ``prediction``, ``answers``, ``prompt_tokens``, ``question_span`` and the generation's cost
+    fields; :meth:`evaluate` returns :func:`summarize_probe_rows` of them.
+    """
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        probe: str = "passkey",
+        lengths: Sequence[int] = (512, 1024, 2048),
+        depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        n_per_cell: int = 5,
+        seed: int = 0,
+        use_question_span: bool = True,
+        haystack_dir: str | os.PathLike[str] | None = None,
+        use_chat_template: bool | None = None,
+        max_new_tokens: int | None = None,
+        progress: bool = True,
+        **probe_options: int,
+    ) -> None:
+        if not isinstance(generator, TextGenerator):
+            raise TypeError(
+                "generator must provide tokenizer, max_prompt_tokens and generate(prompt, *, question_span, "
+                f"max_new_tokens); got {type(generator).__name__}"
+            )
+        self.config = ProbeEvalConfig(
+            probe=probe,  # type: ignore[arg-type]  # validated by the config
+            lengths=tuple(lengths),
+            depths=tuple(float(d) if isinstance(d, int) and not isinstance(d, bool) else d for d in depths),
+            n_per_cell=n_per_cell,
+            seed=seed,
+            use_question_span=use_question_span,
+            haystack_dir=Path(haystack_dir) if haystack_dir is not None else None,
+            use_chat_template=use_chat_template,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            **probe_options,
+        )
+        too_long = [n for n in self.config.lengths if n > generator.max_prompt_tokens]
+        if too_long:
+            raise ValueError(
+                f"lengths {too_long} exceed the generator's max_prompt_tokens={generator.max_prompt_tokens}"
+            )
+        if use_chat_template and not getattr(generator.tokenizer, "chat_template", None):
+            raise ValueError("use_chat_template=True but the generator's tokenizer has no chat template")
+        self.generator = generator
+        self.filler = (
+            Filler.from_dir(self.config.haystack_dir) if self.config.haystack_dir is not None else Filler.default()
+        )
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[self.config.probe]
+
+    def iter_prepared(self) -> Iterator[ProbeExample]:
+        """Every probe example of the sweep: lengths, then depths, then index."""
+        c = self.config
+        for length in c.lengths:
+            for depth in c.depths:
+                for index in range(c.n_per_cell):
+                    yield build_probe(
+                        c.probe,
+                        self.generator.tokenizer,
+                        length,
+                        depth,
+                        index=index,
+                        seed=c.seed,
+                        filler=self.filler,
+                        use_chat_template=c.use_chat_template,
+                        n_needles=c.n_needles,
+                        n_values=c.n_values,
+                        chain_length=c.chain_length,
+                        n_distractor_chains=c.n_distractor_chains,
+                    )
+
+    def run_prepared(self, example: ProbeExample, generator: TextGenerator | None = None) -> GenerationResult:
+        """Generate for one probe example (with this evaluator's generator unless one is given)."""
+        gen = generator if generator is not None else self.generator
+        span = example.question_span if self.config.use_question_span else None
+        return gen.generate(example.prompt, question_span=span, max_new_tokens=self.max_new_tokens)
+
+    def score_row(self, example: ProbeExample, result: GenerationResult) -> dict[str, Any]:
+        """The result row of one example."""
+        span = example.question_span if self.config.use_question_span else None
+        return {
+            "probe": example.probe,
+            "length": example.length,
+            "depth": example.depth,
+            "index": example.index,
+            "score": example.score(result.text),
+            "prediction": result.text,
+            "answers": list(example.answers),
+            "prompt_tokens": result.prompt_tokens,
+            "question_span": list(span) if span is not None else None,
+            **generation_metrics(result),
+        }
+
+    def iter_examples(self) -> Iterator[dict[str, Any]]:
+        """Generate and score example after example, yielding each row as soon as it is done."""
+        c = self.config
+        total = len(c.lengths) * len(c.depths) * c.n_per_cell
+        with tqdm(total=total, desc=f"probe {c.probe}", unit="ex", disable=not c.progress) as bar:
+            for example in self.iter_prepared():
+                bar.set_postfix_str(f"len={example.length} depth={example.depth:g}", refresh=False)
+                row = self.score_row(example, self.run_prepared(example))
+                bar.update(1)
+                yield row
+
+    def evaluate(self) -> dict[str, Any]:
+        """Run the sweep; return :func:`summarize_probe_rows`. Rows are kept in :attr:`rows`."""
+        self.rows = list(self.iter_examples())
+        return summarize_probe_rows(self.rows)
+
+
+def summarize_probe_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean scores overall, per length, per depth and per (length, depth) cell.
+
+    Returns ``{"n", "mean_score", "by_length": {length: mean}, "by_depth": {depth: mean},
+    "cells": [{"length", "depth", "n", "mean_score"}, ...]}`` (plus ``"probe"`` when the rows
+    hold one probe).
+    """
+    if not rows:
+        raise ValueError("no rows to summarise")
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    by_length: dict[int, list[float]] = {}
+    by_depth: dict[float, list[float]] = {}
+    cells: dict[tuple[int, float], list[float]] = {}
+    for row in rows:
+        s = float(row["score"])
+        by_length.setdefault(row["length"], []).append(s)
+        by_depth.setdefault(row["depth"], []).append(s)
+        cells.setdefault((row["length"], row["depth"]), []).append(s)
+    summary: dict[str, Any] = {}
+    probes = {row.get("probe") for row in rows}
+    if len(probes) == 1:
+        summary["probe"] = probes.pop()
+    summary.update(
+        n=len(rows),
+        mean_score=mean([float(r["score"]) for r in rows]),
+        by_length={k: mean(v) for k, v in by_length.items()},
+        by_depth={k: mean(v) for k, v in by_depth.items()},
+        cells=[{"length": k[0], "depth": k[1], "n": len(v), "mean_score": mean(v)} for k, v in cells.items()],
+    )
+    return summary
