@@ -36,7 +36,9 @@ def quantize_linear_weights(model: nn.Module, mode: str) -> WeightReport | None:
     layers = model.model.layers
     before = _linear_bytes(layers)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao marks the API as moving to torchao
+        # torch marks its quantised tensors as moving to torchao; they remain its supported CPU int8 path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         quantized = torch.ao.quantization.quantize_dynamic(layers, {nn.Linear}, dtype=torch.qint8, inplace=False)
     model.model.layers = quantized
     return WeightReport(before, _linear_bytes(quantized))
