@@ -177,3 +177,10 @@ def test_a_schedule_naming_a_missing_layer_is_refused_before_any_work(model_pair
     with pytest.raises(ValueError, match="9"):
         ours.set_compression(bad)
     assert ours.compressor is None, "a refused config leaves the model as it was"
+
+
+def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_any_work(model_pair):
+    ours, _ = model_pair  # head_dim 32
+    with pytest.raises(ValueError, match="64"):
+        ours.set_compression(_config("default", **{"quantizer.group_size": 64}))
+    assert ours.compressor is None

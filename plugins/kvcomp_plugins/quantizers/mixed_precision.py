@@ -180,6 +180,11 @@ class MixedPrecisionQuantizer:
             values=backends.quantize_pack(values, bits, cfg.group_size, "token", cfg.backend),
         )
 
+    def check_model(self, *, num_layers: int, head_dim: int) -> None:
+        """Refuse a model whose ``head_dim`` the groups or the packing cannot split (before prefill)."""
+        bits_used = [bits for bits, frac in self.config.tier_fractions() if bits and frac > 0]
+        self._check_head_dim((1, 1, 1, head_dim), [*bits_used, self.config.flush_bits])
+
     def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
         for bits in bits_used:
             validate_quant_args(shape, bits, self.config.group_size, self.config.key_mode)
