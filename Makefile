@@ -37,3 +37,12 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+## The peers' environment for side-by-side runs (bench/peers, integrations/kvcomp_eval/peers.py):
+## kvpress 0.5.5 pins transformers<5.3 and pandas<3, so it gets its own venv. CPU torch first, as above.
+peers-venv:
+	test -x .venv-peers/bin/python || python3 -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet --upgrade pip
+	.venv-peers/bin/python -m pip install --quiet torch==2.13.0
+	.venv-peers/bin/python -m pip install --quiet -r bench/peers/requirements.txt
+	.venv-peers/bin/python bench/peers/run_peer.py --versions
