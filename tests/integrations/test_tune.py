@@ -1,0 +1,290 @@
+"""``kvcomp tune``: Optuna samplers end to end on a tiny random LLaMA, resume, split, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcomp_eval.tune import (
+    FidelityObjective,
+    SearchSpace,
+    TuneError,
+    TuneSettings,
+    build_prompts,
+    build_trial_config,
+    check_report_split,
+    compute_references,
+    open_storage,
+    tier_fractions,
+)
+from kvcore.cli import main
+from kvcore.config import CompressionConfig
+
+LENGTH = 140  # tokens: the shortest passkey probe the tiny tokenizer can hold is ~125
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    # The tiny model is latency-bound; extra threads only fight over the shared cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 4-layer LLaMA (GQA 4/2 heads, head_dim 32) with a BPE tokenizer trained on probe text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kvcomp_eval.probes import _DEFAULT_FILLER, _INTRO_FACT
+
+    corpus = [*_DEFAULT_FILLER, _INTRO_FACT, "The pass key is 12345. Remember it. 67890 is the pass key.",
+              "Question: What is the pass key?\nAnswer: The pass key is", "Summarize the news articles."]
+    corpus += [str(i) for i in range(100)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def tune(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["tune", "--no-progress", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def base_args(model_dir: Path, out: Path, sampler: str, trials: int) -> list[str]:
+    return [
+        "--sampler", sampler, "--trials", str(trials), "--suite", "passkey", "--lengths", str(LENGTH),
+        "--limit", "1", "--kl-steps", "4", "--startup-trials", "1", "--population-size", "2",
+        "--model", str(model_dir), "--out", str(out), "--json",
+    ]
+
+
+def read_trials(out: Path) -> list[dict[str, str]]:
+    with (out / "trials.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes", "nsga2"])
+def test_sampler_runs_end_to_end(
+    sampler: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tune"
+    rc, stdout, err = tune(capsys, *base_args(tiny_model_dir, out, sampler, 3))
+    assert rc == 0, err
+    record = json.loads(stdout)
+    assert record["trials_run"] == [0, 1, 2]
+    rows = read_trials(out)
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    for row in rows:
+        assert row["state"] in {"COMPLETE", "PRUNED"}
+        if row["state"] == "PRUNED":  # only group_size 64 can be invalid here (head_dim 32)
+            assert "head_dim=32" in row["prune_reason"] and row["group_size"] == ""
+        else:
+            kv, kl = float(row["kv_fraction"]), float(row["kl"])
+            assert 0 < kv < 2 and kl >= 0
+            fracs = [float(row[k]) for k in ("frac_8bit", "frac_4bit", "frac_2bit", "frac_drop")]
+            assert math.isclose(sum(fracs), 1.0, abs_tol=1e-9)
+            if sampler == "nsga2":
+                assert float(row["objective_0"]) == pytest.approx(float(row["quality"]))
+                assert float(row["objective_1"]) == pytest.approx(kv)
+            else:
+                assert float(row["objective_0"]) == pytest.approx(float(row["quality"]) + float(row["penalty"]))
+    assert record["best_trial"] is not None
+    best = CompressionConfig.from_file(out / "best.yaml")
+    assert best.quantizer.name == "mixed_precision" and best.scorer.name == "prompt_guided"
+    best_row = rows[record["best_trial"]]
+    assert best.scorer.params["alpha"] == pytest.approx(float(best_row["alpha"]))
+    capsys.readouterr()
+    assert main(["config", "show", "--config", str(out / "best.yaml")]) == 0
+    assert "mixed_precision" in capsys.readouterr().out
+    if sampler == "nsga2":
+        pareto = (out / "pareto.md").read_text()
+        assert len([line for line in pareto.splitlines() if line.startswith("| ") and line[2].isdigit()]) == len(
+            record["pareto_trials"]
+        )
+        assert f"| {record['best_trial']}* |" in pareto
+    else:
+        assert not (out / "pareto.md").exists()
+
+
+def test_interrupted_study_continues(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tune"
+    rc, stdout, err = tune(capsys, *base_args(tiny_model_dir, out, "random", 2))
+    assert rc == 0, err
+    reference_mtime = (out / "reference.pt").stat().st_mtime_ns
+    rc, stdout, err = tune(capsys, *base_args(tiny_model_dir, out, "random", 2))
+    assert rc == 0, err
+    assert json.loads(stdout)["trials_run"] == [2, 3]
+    rows = read_trials(out)
+    assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
+    # The resumed sampler moves on instead of replaying the first run's points.
+    assert {rows[0]["param_alpha"], rows[1]["param_alpha"]}.isdisjoint({rows[2]["param_alpha"], rows[3]["param_alpha"]})
+    assert (out / "reference.pt").stat().st_mtime_ns == reference_mtime  # references reused, not recomputed
+    study = optuna.load_study(study_name="kvcomp-tune", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 4
+    # The same folder with other data is refused: trials would not be comparable.
+    args = base_args(tiny_model_dir, out, "random", 1)
+    args[args.index("--lengths") + 1] = str(LENGTH + 10)
+    rc, _, err = tune(capsys, *args)
+    assert rc == 2 and "tuned on" in err
+    assert len(read_trials(out)) == 4
+
+
+def test_fidelity_objective_is_zero_for_the_uncompressed_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kvcore.pipeline import KVCompPipeline
+
+    pipe = KVCompPipeline.from_pretrained(str(tiny_model_dir), "full")
+    s = TuneSettings.create(out_dir=tmp_path, lengths=(LENGTH,), limit=1, kl_steps=4)
+    prompts = build_prompts(s, pipe.tokenizer, pipe.max_prompt_tokens)
+    refs = compute_references(pipe, prompts, kl_steps=4)
+    assert refs[0].logprobs.shape == (len(refs[0].tokens), pipe.model.config.vocab_size)
+    objective = FidelityObjective(pipe, prompts, refs)
+    full = objective.measure(CompressionConfig.from_preset("full"))
+    assert full.kl == 0.0 and full.agreement == 1.0 and full.task_loss == 0.0
+    assert full.kv_fraction == pytest.approx(2.0)  # fp32 cache on CPU vs fp16 bytes
+    cheap = CompressionConfig.from_preset("default").with_overrides(
+        {"quantizer.residual_length": 16, "quantizer.frac_8bit": 0.0, "quantizer.frac_4bit": 0.2,
+         "quantizer.frac_2bit": 0.2, "quantizer.frac_drop": 0.6}
+    )
+    lossy = objective.measure(cheap)
+    assert lossy.kl > 0 and lossy.kv_fraction < 0.5
+    assert lossy.quality == pytest.approx(lossy.kl + lossy.task_loss)
+
+
+def test_longbench_suite_and_split(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        {"input": "", "context": "The grass is green. The sky is blue. " * 8 + f"Story {i}.", "answers": [f"summary {i}"]}
+        for i in range(3)
+    ]
+    (data / "multi_news.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tune"
+    args = base_args(tiny_model_dir, out, "random", 2)
+    args[args.index("--suite") + 1] = "longbench:multi_news"
+    args[args.index("--limit") + 1] = "2"
+    rc, stdout, err = tune(capsys, *args, "--data-dir", str(data))
+    assert rc == 0, err
+    split = json.loads((out / "split.json").read_text())
+    assert split["task"] == "multi_news" and split["rows"] == [0, 2]
+    assert all(r["task_score"] == "" for r in read_trials(out))  # no task score for LongBench
+    with pytest.raises(TuneError, match="overlap"):
+        check_report_split(out, longbench_rows=(0, 50), task="multi_news")
+    check_report_split(out, longbench_rows=(100, 200), task="multi_news")
+    # The tuning pool ends at row 100.
+    rc, _, err = tune(capsys, *args, "--data-dir", str(data), "--offset", "99")
+    assert rc == 2 and "tuning pool" in err
+
+
+def test_probe_split_is_enforced(tmp_path: Path) -> None:
+    (tmp_path / "split.json").write_text(json.dumps(TuneSettings.create(out_dir=tmp_path).split()))
+    with pytest.raises(TuneError, match="probe seed"):
+        check_report_split(tmp_path, probe_seed=1_000_000)
+    check_report_split(tmp_path, probe_seed=0)
+    with pytest.raises(TuneError, match="not a kvcomp tune output"):
+        check_report_split(tmp_path / "missing", probe_seed=0)
+
+
+def test_bad_input_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tune"
+    with pytest.raises(SystemExit):
+        main(["tune", "--sampler", "annealing", "--out", str(out)])
+    assert "invalid choice: 'annealing'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tune", "--trials", "0", "--out", str(out)])
+    assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
+    for storage, message in (("not-a-url", "not a database URL"), ("nosuchdb://x/y", "cannot open the Optuna storage")):
+        rc, _, err = tune(capsys, *base_args(tiny_model_dir, out, "random", 1), "--storage", storage)
+        assert rc == 2 and message in err
+    rc, _, err = tune(capsys, *base_args(tiny_model_dir, out, "cmaes", 1), "--objectives", "multi")
+    assert rc == 2 and "cmaes sampler optimises one objective" in err
+    rc, _, err = tune(capsys, *base_args(tiny_model_dir, out, "random", 1), "--suite", "haystack")
+    assert rc == 2 and "unknown suite 'haystack'" in err
+    assert not out.exists()  # refused before anything was written
+    with pytest.raises(TuneError, match="trials"):
+        TuneSettings.create(out_dir=out, trials=0)
+    with pytest.raises(TuneError, match="sampler"):
+        TuneSettings.create(out_dir=out, sampler="grid")
+    with pytest.raises(TuneError):
+        open_storage("sqlite:////nonexistent-dir/sub/study.db")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0.05, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_tier_fractions_sum_to_one(kept: float, share8: float, share4: float) -> None:
+    f = tier_fractions(kept, share8, share4)
+    assert all(0.0 <= v <= 1.0 for v in f.values())
+    assert math.isclose(sum(f.values()), 1.0, abs_tol=1e-9)
+    assert f["frac_drop"] == pytest.approx(1.0 - kept, abs=3e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "alpha": st.floats(0.0, 1.0), "beta": st.floats(0.0, 1.0), "gamma": st.floats(0.0, 1.0),
+            "kept_fraction": st.floats(0.05, 1.0), "share_8bit": st.floats(0.0, 1.0), "share_4bit": st.floats(0.0, 1.0),
+            "group_size_log2": st.integers(4, 6), "residual_length": st.integers(16, 128),
+            "propagation": st.sampled_from(["none", "selective"]), "propagation_layer": st.integers(3, 28),
+            "keep_ratio_1": st.floats(0.2, 1.0), "keep_ratio_2_share": st.floats(0.2, 1.0),
+        }
+    )
+)
+def test_search_space_points_are_valid_configs(params: dict[str, Any]) -> None:
+    space = SearchSpace(num_layers=30, head_dim=64)  # SmolLM2-135M's shape: every group size divides
+    overrides = space.suggest(optuna.trial.FixedTrial(params))
+    base = CompressionConfig.from_preset("default")
+    if sum(round(params[k], 4) for k in ("alpha", "beta", "gamma")) == 0:  # pruned with the scorer's reason
+        with pytest.raises(ValueError, match="alpha \\+ beta \\+ gamma must be > 0"):
+            build_trial_config(base, overrides, num_layers=30, head_dim=64)
+        return
+    config = build_trial_config(base, overrides, num_layers=30, head_dim=64)
+    assert config.quantizer.params["group_size"] == 2 ** params["group_size_log2"]
+    if params["propagation"] == "none":
+        assert config.propagator.name == "none"
+    else:
+        schedule = config.propagator.params["keep_ratio_by_layer"]
+        ratios = [schedule[k] for k in sorted(schedule)]
+        assert min(schedule) == params["propagation_layer"] and max(schedule) < 30
+        assert ratios == sorted(ratios, reverse=True)
+
+
+def test_group_size_that_does_not_divide_head_dim_is_refused() -> None:
+    overrides = {"quantizer.group_size": 64}
+    with pytest.raises(ValueError, match="group_size=64 does not divide the model's head_dim=32"):
+        build_trial_config(CompressionConfig.from_preset("default"), overrides, num_layers=4, head_dim=32)
+    assert SearchSpace(num_layers=2, head_dim=32).propagation_layers is None
