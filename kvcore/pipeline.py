@@ -94,6 +94,10 @@ class KVCompPipeline:
             start, end = question_span
             window = torch.tensor([i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a], dtype=torch.long)
         budget = self.max_prompt_tokens - max_new_tokens
+        if budget < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {self.max_prompt_tokens} positions"
+            )
         if ids.numel() > budget:
             if truncate != "middle":
                 raise ValueError(
