@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import char_tokenizer, tiny_config
 
 from kvcomp_eval.bench import (
     REFERENCE,
@@ -26,7 +25,6 @@ from kvcomp_eval.bench import (
 )
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
-from kvcore.model import CompressedLlamaForCausalLM
 
 # A schedule the 4-layer test model has (the shipped `fast` preset names layers 8 and 16).
 PROPAGATING = """\
@@ -38,23 +36,9 @@ propagator: {name: selective, keep_ratio_by_layer: {2: 0.5}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random LLaMA and its character tokenizer saved as a model folder (``--model DIR``)."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    CompressedLlamaForCausalLM(tiny_config()).eval().save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: several torch threads on a tiny model mostly wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import char_tokenizer, tiny_config
 
 from kvcomp_eval.bench import REFERENCE, config_hash, read_results
 from kvcomp_eval.experiments import ABLATION_VARIANTS, derive_ablation_variants, match_fraction
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
-from kvcore.model import CompressedLlamaForCausalLM
 
 BASE = """\
 description: a base with all three scorer terms and propagation after layer 2
@@ -122,21 +119,9 @@ def test_variants_that_do_not_apply_say_why():
 
 
 # -- the commands on a tiny model -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    CompressedLlamaForCausalLM(tiny_config()).eval().save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def suite_args(model: Path, out: Path) -> list[str]:

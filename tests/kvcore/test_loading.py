@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from tiny_models import char_tokenizer, tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kvcore import loading
@@ -16,13 +15,9 @@ from kvcore.model import CompressedLlamaForCausalLM
 from kvcore.weights import quantize_linear_weights
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    CompressedLlamaForCausalLM(tiny_config()).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture()
+def tiny_folder(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_a_local_folder_loads_as_the_compressed_model(tiny_folder):
