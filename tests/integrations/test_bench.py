@@ -188,7 +188,15 @@ def test_interrupted_run_resumes_without_losing_or_repeating_rows(tiny_model_dir
     args = bench_args(tiny_model_dir, out, "--preset", "default", "--preset", "quant-only", "--limit", "16")
     results = out / "results.jsonl"
     with (tmp_path / "stderr.txt").open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kvcore.cli", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        # A test run started in the background (CI, `make test &`) inherits SIGINT as ignored, and
+        # Python keeps ignoring it; give the child the default action, as an interactive shell would.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvcore.cli", *args],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and proc.poll() is None:
