@@ -29,3 +29,37 @@ def tiny_config(**overrides) -> LlamaConfig:
     )
     params.update(overrides)
     return LlamaConfig(**params)
+
+
+def save_bpe_llama(
+    out, corpus: list[str], *, vocab_size: int, num_hidden_layers: int, max_position_embeddings: int
+) -> None:
+    """Save a random LLaMA (GQA 4/2 heads, head_dim 32) and a byte-level BPE tokenizer trained on
+    ``corpus`` into the folder ``out``: real-text prompts tokenise as they would for a real model."""
+    import torch
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(config).save_pretrained(out)

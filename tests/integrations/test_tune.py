@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import pytest
+from tiny_models import save_bpe_llama
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,37 +45,13 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer LLaMA (GQA 4/2 heads, head_dim 32) with a BPE tokenizer trained on probe text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from kvcomp_eval.probes import _DEFAULT_FILLER, _INTRO_FACT
 
     corpus = [*_DEFAULT_FILLER, _INTRO_FACT, "The pass key is 12345. Remember it. 67890 is the pass key.",
               "Question: What is the pass key?\nAnswer: The pass key is", "Summarize the news articles."]
     corpus += [str(i) for i in range(100)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     out = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
+    save_bpe_llama(out, corpus * 20, vocab_size=400, num_hidden_layers=4, max_position_embeddings=512)
     return out
 
 
