@@ -14,6 +14,11 @@ full-precision attention inside the prefill, so only later steps read the compre
 
 Rows are keyed by ``(config name, suite, example id, config hash)``; the hash covers the
 config's resolved contents (defaults filled in, description left out).
+
+Peers (kvpress presses, transformers' ``QuantizedCache``) run in the same benchmark as extra
+configs named ``peer:<label>``: one process of the peers' environment
+(:class:`~kvcomp_eval.peers.PeerGenerator`) gets the same prompt text and question span, and its
+teacher-forced KL is taken against the same ``full`` reference log-probs as kvcomp's configs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm.auto import tqdm
 
 from kvcomp_eval.fidelity import greedy_exact_match, next_token_kl, output_rouge_l, prefix_agreement
+from kvcomp_eval.peers import PRESS_METHODS, PeerGenerator, PeerMethod, PeersUnavailable, peers_available
 from kvcomp_eval.longbench import (
     DATASET2MAXLEN,
     LONGBENCH_E_TASKS,
@@ -62,6 +68,7 @@ __all__ = [
     "CompressionBenchmark",
     "config_hash",
     "machine_info",
+    "peer_hash",
     "read_results",
     "row_key",
 ]
@@ -105,6 +112,9 @@ class BenchSuite(BaseModel):
     offset: int = Field(default=0, ge=0)
     max_prompt_tokens: int | None = Field(default=None, ge=16)
     """LongBench: prompts longer than this are cut in the middle (default: the model's limit)."""
+    min_prompt_tokens: int | None = Field(default=None, ge=1)
+    """LongBench: skip rows whose prompt (template applied, after any cut) is shorter; ``limit``
+    then counts the rows kept, from ``offset`` on. Like ``limit``, not part of the identity."""
 
     @field_validator("lengths")
     @classmethod
@@ -131,6 +141,12 @@ class BenchSuite(BaseModel):
                 raise ValueError(f"unknown LongBench task(s) {unknown}; known: {', '.join(LONGBENCH_TASKS)}")
             if len(set(self.tasks)) != len(self.tasks):
                 raise ValueError(f"LongBench tasks repeat: {list(self.tasks)}")
+        if self.kind == "probe" and self.min_prompt_tokens is not None:
+            raise ValueError("min_prompt_tokens selects LongBench rows; probes take their lengths from --lengths")
+        if None not in (self.min_prompt_tokens, self.max_prompt_tokens) and self.min_prompt_tokens > self.max_prompt_tokens:  # type: ignore[operator]
+            raise ValueError(
+                f"min_prompt_tokens {self.min_prompt_tokens} exceeds max_prompt_tokens {self.max_prompt_tokens}: no row could be kept"
+            )
         return self
 
     @classmethod
@@ -221,6 +237,12 @@ def config_hash(config: CompressionConfig) -> str:
     """12 hex digits of SHA-256 over the resolved config (defaults filled in, description left out)."""
     data = config.resolved().to_dict()
     data.pop("description", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+
+
+def peer_hash(method: PeerMethod) -> str:
+    """12 hex digits of SHA-256 over a peer's name and parameters (as given; the runner fills defaults)."""
+    data = {"peer": method.to_json()}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
 
@@ -411,6 +433,10 @@ class CompressionBenchmark:
         quantised); loaded here when ``None``.
     device:
         ``cpu`` or ``cuda``.
+    peers:
+        Peer methods run as extra configs named ``peer:<label>`` (``peer:tova r=0.5``) in the
+        peers' environment (``make peers-venv``); ``peer_threads`` caps its torch threads,
+        ``peer_python`` names its interpreter (default: ``.venv-peers``, or ``$KVCOMP_PEERS_PYTHON``).
     progress, warmup:
         Show a progress bar; run each config once before timing (first calls pay one-off costs).
     """
@@ -431,11 +457,14 @@ class CompressionBenchmark:
         variants: Mapping[str, Mapping[str, Any]] | None = None,
         pipeline: Any = None,
         device: str = "cpu",
+        peers: Sequence[PeerMethod] = (),
+        peer_threads: int | None = None,
+        peer_python: str | os.PathLike[str] | None = None,
         progress: bool = True,
         warmup: bool = True,
     ) -> None:
-        if not configs:
-            raise ValueError("no configs to benchmark: give at least one --preset or --config")
+        if not configs and not peers:
+            raise ValueError("no configs to benchmark: give at least one --preset, --config or --peer")
         for name, cfg in configs.items():
             if not isinstance(name, str) or not name.strip():
                 raise ValueError(f"config names must be non-empty strings, got {name!r}")
@@ -457,7 +486,21 @@ class CompressionBenchmark:
                 cfg.validate_components()
             except ValueError as exc:
                 raise ConfigError(f"config {name!r}: {exc}") from exc
+        self.peers: dict[str, PeerMethod] = {}
+        for method in peers:
+            name = f"peer:{method.label}"
+            if name in self.configs:
+                raise ValueError(f"config name {name!r} is taken by a peer; rename the config")
+            if name in self.peers:
+                raise ValueError(f"peer {method.label!r} is given twice")
+            self.peers[name] = method
+        if peers and device != "cpu":
+            raise ValueError("peers run on the CPU only (their environment holds torch's CPU build); drop --peer or use --device cpu")
+        self.peer_threads = peer_threads
+        self.peer_python = peer_python
+        self._peer_gen: PeerGenerator | None = None
         self.hashes = {name: config_hash(cfg) for name, cfg in self.configs.items()}
+        self.hashes.update({name: peer_hash(m) for name, m in self.peers.items()})
         self.out_dir = Path(out_dir)
         self.model = model
         self.max_new_tokens = max_new_tokens
@@ -495,9 +538,16 @@ class CompressionBenchmark:
         """Every refusal that needs no model: inputs, the run folder, every LongBench row."""
         self.suite.check_inputs()
         check_run_dir(self.out_dir, self.identity())
+        if self.peers:
+            presses = any(m.name in PRESS_METHODS for m in self.peers.values())
+            ok, reason = peers_available(self.peer_python, require_kvpress=presses)
+            if not ok:
+                raise PeersUnavailable(reason)
         if self.suite.kind == "longbench" and self._longbench_data is None:
             s = self.suite
-            loader = LongBenchDataLoader(s.data_dir, limit=s.limit, offset=s.offset, longbench_e=s.longbench_e)
+            # With a length floor the rows kept are only known once their prompts are built: read them all.
+            limit = s.limit if s.min_prompt_tokens is None else None
+            loader = LongBenchDataLoader(s.data_dir, limit=limit, offset=s.offset, longbench_e=s.longbench_e)
             try:
                 self._longbench_data = {task: loader.load(task) for task in s.tasks}
             except RuntimeError as exc:  # the hub could not be read; the message says what to do instead
@@ -603,7 +653,11 @@ class CompressionBenchmark:
         else:
             if self._longbench_data is None:
                 self.check()
+            floor, kept = self.suite.min_prompt_tokens, dict.fromkeys(self.suite.tasks, 0)
             for prep in ev.iter_prepared(self._longbench_data):
+                if floor is not None and (prep.prompt.prompt_tokens < floor or kept[prep.task] == self.suite.limit):
+                    continue
+                kept[prep.task] += 1
                 out.append(
                     BenchExample(
                         example_id=f"{prep.task}-{prep.example.index}",
@@ -620,10 +674,47 @@ class CompressionBenchmark:
         return out
 
     # -- one example ------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Every config name in run order: ``full``, the kvcomp configs, then the peers."""
+        return [*self.configs, *self.peers]
+
+    def _peer(self, name: str) -> PeerGenerator:
+        """The peers' process, switched to peer ``name`` (started on first use)."""
+        if self._peer_gen is None:
+            print("kvcomp bench: starting the peers' runner ...", file=sys.stderr, flush=True)
+            self._peer_gen = PeerGenerator(
+                self.peers[name], model=self.model, python=self.peer_python, threads=self.peer_threads, with_logprobs=False
+            )
+        self._peer_gen.method = self.peers[name]
+        return self._peer_gen
+
     def _generate(self, name: str, ex: BenchExample) -> GenerationResult:
-        self._use(name)
         ev = self.evaluator()
+        if name in self.peers:
+            return ev.run_prepared(ex.source, generator=self._peer(name))  # type: ignore[arg-type]
+        self._use(name)
         return ev.run_prepared(ex.source, generator=_Generator(self.pipeline(self.configs[name].weights), 1 << 30))  # type: ignore[arg-type]
+
+    def _generate_with_kl(
+        self, name: str, ex: BenchExample, ref_ids: Sequence[int], ref_lp: torch.Tensor | None
+    ) -> tuple[GenerationResult, list[float]]:
+        """The config's generation and KL(full || name) in nats at each of the ``ref_lp.shape[0]``
+        teacher-forced positions (none without reference tokens)."""
+        if name in self.peers and ref_lp is not None:
+            # One job: the runner teacher-forces on the prefilled cache, restores it, then decodes.
+            teacher = list(ref_ids[: max(ref_lp.shape[0] - 1, 1)])  # it wants at least one token
+            row = self._peer(name).run(
+                ex.prompt, question_span=ex.question_span, max_new_tokens=ex.max_new_tokens,
+                teacher_tokens=teacher, reference_logprobs=ref_lp,
+            )
+            if row.kl_steps is None:
+                raise RuntimeError(f"the peers' runner returned no KL for {name} on {ex.example_id}")
+            return row.to_generation_result(), [float(v) for v in row.kl_steps]
+        result = self._generate(name, ex)
+        if ref_lp is None:
+            return result, []
+        return result, [float(v) for v in next_token_kl(ref_lp, self._teacher_forced(name, ex, ref_ids))]
 
     def _teacher_forced(self, name: str, ex: BenchExample, ref_ids: Sequence[int]) -> torch.Tensor:
         """Log-probs ``[k, V]`` of the first ``k = min(K, len(ref_ids))`` reference positions."""
@@ -690,17 +781,17 @@ class CompressionBenchmark:
         def key(name: str, ex: BenchExample) -> tuple[str, str, str, str]:
             return (name, self.suite.label, ex.example_id, self.hashes[name])
 
-        todo = [(ex, [n for n in self.configs if key(n, ex) not in by_key]) for ex in examples]
+        todo = [(ex, [n for n in self.names if key(n, ex) not in by_key]) for ex in examples]
         todo = [(ex, names) for ex, names in todo if names]
         n_todo = sum(len(names) for _, names in todo)
-        skipped = len(examples) * len(self.configs) - n_todo
+        skipped = len(examples) * len(self.names) - n_todo
         if skipped:
             print(f"kvcomp bench: {skipped} rows already in {results_path}; running the {n_todo} missing", file=sys.stderr)
         written = 0
         writer = _ResultsWriter(results_path)
         try:
             if todo and self.warmup:
-                self._warm_up([n for n in self.configs if any(n in names for _, names in todo)], todo[0][0])
+                self._warm_up([n for n in self.names if any(n in names for _, names in todo)], todo[0][0])
             with tqdm(total=n_todo, desc=f"bench {self.suite.label}", unit="run", disable=not self.progress) as bar:
                 for ex, names in todo:
                     ref_key = key(REFERENCE, ex)
@@ -720,18 +811,19 @@ class CompressionBenchmark:
                     ref_lp = self._teacher_forced(REFERENCE, ex, ref_ids) if ref_ids else None
                     for name in others:
                         bar.set_postfix_str(f"{ex.example_id} {name}", refresh=False)
-                        result = self._generate(name, ex)
-                        kl: list[float] | None = None
-                        if ref_lp is not None:
-                            cmp_lp = self._teacher_forced(name, ex, ref_ids)
-                            kl = [float(v) for v in next_token_kl(ref_lp, cmp_lp)]
-                        row = self._row(name, ex, result, reference, kl or [])
+                        result, kl = self._generate_with_kl(name, ex, ref_ids, ref_lp)
+                        row = self._row(name, ex, result, reference, kl)
                         writer.write(row)
                         by_key[key(name, ex)] = row
                         written += 1
                         bar.update(1)
         finally:
             writer.close()
+            if self._peer_gen is not None:
+                if self._peer_gen.versions:
+                    self._record_peer_versions(self._peer_gen.versions)
+                self._peer_gen.close()
+                self._peer_gen = None
         files = write_report(self.out_dir)
         return BenchOutcome(written=written, skipped=skipped, summary=files[0], plots=files[1:])
 
@@ -739,8 +831,18 @@ class CompressionBenchmark:
         # The first forward of a model (and of each compressor set-up) pays one-off costs:
         # allocator growth, kernel selection. One short run each keeps them out of TTFT.
         for name in names:
+            if name in self.peers:
+                self._peer(name).generate(ex.prompt, question_span=ex.question_span, max_new_tokens=1)
+                continue
             pipe = self._use(name)
             pipe.generate(ex.prompt, question_span=ex.question_span, max_new_tokens=1)
+
+    def _record_peer_versions(self, versions: Mapping[str, str]) -> None:
+        # Known only once the runner has answered; added to this run's entry in run.json.
+        path = self.out_dir / RUN_FILE
+        info = json.loads(path.read_text(encoding="utf-8"))
+        info["runs"][-1]["peer_versions"] = dict(versions)
+        _write_json_atomic(path, info)
 
     def _write_run_file(self) -> None:
         path = self.out_dir / RUN_FILE
@@ -750,8 +852,16 @@ class CompressionBenchmark:
         configs = dict(stored.get("configs", {}))
         for name, cfg in self.configs.items():
             configs[name] = {"hash": self.hashes[name], "config": cfg.to_dict()}
-        # Keep the order of this run first (full, then the configs as given), then older names.
-        ordered = {n: configs[n] for n in self.configs}
+        for name, method in self.peers.items():
+            configs[name] = {
+                "hash": self.hashes[name],
+                "config": {
+                    "description": f"peer {method.label}: bench/peers/run_peer.py in the peers' environment",
+                    **method.to_json(),
+                },
+            }
+        # Keep the order of this run first (full, the configs as given, the peers), then older names.
+        ordered = {n: configs[n] for n in self.names}
         ordered.update({n: v for n, v in configs.items() if n not in ordered})
         variants = dict(stored.get("variants", {}))
         variants.update(self.variants)
@@ -761,11 +871,12 @@ class CompressionBenchmark:
                 "command": self.command,
                 "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "machine": machine_info(self.device),
-                "configs": list(self.configs),
+                "configs": self.names,
                 "reference_added": self.reference_added,
                 "limit": self.suite.limit,
                 "offset": self.suite.offset,
                 "n_per_cell": self.suite.n_per_cell,
+                "min_prompt_tokens": self.suite.min_prompt_tokens,
             }
         )
         notes = list(stored.get("notes", []))

@@ -63,6 +63,8 @@ def _add_suite_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", type=Path, help="folder of LongBench <task>.jsonl files (default: the hub, THUDM/LongBench)")
     g.add_argument("--longbench-e", action="store_true", help="read the LongBench-E split (<task>_e.jsonl)")
     g.add_argument("--max-prompt-tokens", type=_positive_int, help="LongBench: cut longer prompts in the middle (default: the model's limit)")
+    g.add_argument("--min-prompt-tokens", type=_positive_int,
+                   help="LongBench: skip rows whose prompt is shorter (--limit counts the rows kept)")
     g.add_argument("--haystack-dir", type=Path, help="folder of *.txt filler for the probes (default: built-in filler)")
     r = p.add_argument_group("run")
     r.add_argument("--model", default="smollm2-135m", help="model preset, folder, .gguf file or hub id (default: smollm2-135m)")
@@ -92,7 +94,7 @@ def _command_line(args: argparse.Namespace) -> str:
         flag = action.option_strings[-1]
         if value is True:
             words.append(flag)
-        elif isinstance(value, list) and action.dest == "set":
+        elif isinstance(value, list) and action.dest in ("set", "peers"):
             for item in value:
                 words += [flag, str(item)]
         elif isinstance(value, list):
@@ -122,6 +124,7 @@ def _suite_from_args(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         longbench_e=args.longbench_e or None,
         max_prompt_tokens=args.max_prompt_tokens,
+        min_prompt_tokens=args.min_prompt_tokens,
         haystack_dir=args.haystack_dir,
     )
 
@@ -151,11 +154,15 @@ def _finish(outcome: Any) -> int:
 # -- handlers ---------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvcomp_eval.bench import CompressionBenchmark
+    from kvcomp_eval.peers import PeersUnavailable, parse_peer_spec
 
     suite = _suite_from_args(args)
+    peers = [parse_peer_spec(spec) for spec in args.peers or ()]  # a bad spec is a ValueError naming it
     sources = args.config_sources or []
-    if not sources:
-        raise UsageError(f"give at least one --preset NAME or --config FILE (presets: {', '.join(preset_names())})")
+    if not sources and not peers:
+        raise UsageError(
+            f"give at least one --preset NAME, --config FILE or --peer SPEC (presets: {', '.join(preset_names())})"
+        )
     configs: dict[str, CompressionConfig] = {}
     for kind, value in sources:
         if kind == "preset":
@@ -165,8 +172,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if name in configs:
             raise UsageError(f"two configs are named {name!r}; config files are named by their file stem")
         configs[name] = cfg
-    bench = CompressionBenchmark(configs, suite, args.out, **_bench_kwargs(args))
-    return _finish(bench.run())
+    bench = CompressionBenchmark(
+        configs, suite, args.out, peers=peers, peer_threads=args.peer_threads, **_bench_kwargs(args)
+    )
+    try:
+        return _finish(bench.run())
+    except PeersUnavailable as exc:
+        raise UsageError(f"--peer: {exc}") from exc
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
@@ -243,6 +255,11 @@ def register_commands(subparsers: argparse._SubParsersAction, add_command: Calla
                    help=f"a shipped preset (repeatable): {', '.join(preset_names())}")
     p.add_argument("--config", dest="config_sources", action=_ConfigSource, metavar="FILE",
                    help="a YAML/JSON config file, named by its stem (repeatable)")
+    p.add_argument("--peer", dest="peers", action="append", metavar="SPEC",
+                   help="a peer on the same prompts, in the peers' environment (`make peers-venv`; repeatable): "
+                        "PRESS[+question]:RATIO with PRESS in snapkv, streaming_llm, expected_attention, knorm, tova "
+                        "(tova:0.5); quanto:BITS or hqq:BITS (hqq:4); full")
+    p.add_argument("--peer-threads", type=_positive_int, help="torch threads of the peers' process (default: torch's)")
     _add_suite_arguments(p)
     sub = p.add_subparsers(dest="bench_command", metavar="report")
     sub.required = False

@@ -34,7 +34,9 @@ from torch import Tensor
 from kvcore.types import GenerationResult
 
 __all__ = [
+    "CACHE_BACKENDS",
     "PEER_METHODS",
+    "PRESS_METHODS",
     "PEERS_PYTHON_ENV",
     "PEERS_RUNNER_ENV",
     "PeerGenerator",
@@ -49,6 +51,7 @@ __all__ = [
     "default_runner_script",
     "parse_output",
     "parse_row",
+    "parse_peer_spec",
     "peers_available",
 ]
 
@@ -95,10 +98,11 @@ def default_runner_script() -> Path:
     return Path(env) if env else _REPO_ROOT / "bench" / "peers" / "run_peer.py"
 
 
-def peers_available(python: str | os.PathLike[str] | None = None) -> tuple[bool, str]:
+def peers_available(python: str | os.PathLike[str] | None = None, require_kvpress: bool = True) -> tuple[bool, str]:
     """Whether the peers' environment can run, and why not: ``(ok, reason)``.
 
-    Checks that the interpreter and runner exist and that kvpress and transformers import in it.
+    Checks that the interpreter and runner exist and that transformers (and kvpress, unless
+    ``require_kvpress`` is false: the ``full`` peer needs transformers alone) import in it.
     """
     py = Path(python) if python is not None else default_peers_python()
     script = default_runner_script()
@@ -112,7 +116,8 @@ def peers_available(python: str | os.PathLike[str] | None = None) -> tuple[bool,
     if probe.returncode != 0:
         return False, f"peers runner does not start under {py}: {probe.stderr.strip()[-500:]}"
     versions = json.loads(probe.stdout)
-    missing = [d for d in ("transformers", "kvpress") if versions.get(d) == "not installed"]
+    needed = ("transformers", "kvpress") if require_kvpress else ("transformers",)
+    missing = [d for d in needed if versions.get(d) == "not installed"]
     if missing:
         return False, f"{', '.join(missing)} not installed in {py} (run `make peers-venv`)"
     return True, "ok"
@@ -159,6 +164,47 @@ def _label(name: str, params: Mapping[str, Any]) -> str:
     if "compression_ratio" in params:
         return f"{name}{q} r={params['compression_ratio']:g}"
     return f"{name}{q}"
+
+
+PRESS_METHODS: tuple[str, ...] = ("snapkv", "streaming_llm", "expected_attention", "knorm", "tova")
+"""The kvpress presses; their spec value is the compression ratio."""
+CACHE_BACKENDS: tuple[str, ...] = ("quanto", "hqq")
+"""``QuantizedCache`` backends; their spec value is the bit width."""
+
+
+def parse_peer_spec(spec: str) -> PeerMethod:
+    """A peer from its command-line spec.
+
+    ``PRESS[+question]:RATIO`` (``tova:0.5``, ``snapkv+question:0.25``) for the kvpress presses,
+    ``quanto:BITS`` / ``hqq:BITS`` (``hqq:4``) for ``QuantizedCache``, ``full`` for the
+    uncompressed model in the peers' environment.
+    """
+    accepted = (
+        f"accepted: PRESS[+question]:RATIO with PRESS in {', '.join(PRESS_METHODS)} and RATIO in [0, 1); "
+        f"quanto:BITS or hqq:BITS (quanto 2 or 4, hqq 1, 2, 3, 4 or 8); full"
+    )
+    text = str(spec).strip()
+    head, _, value = text.partition(":")
+    name, plus, flag = head.partition("+")
+    if plus and flag != "question":
+        raise ValueError(f"peer {spec!r}: unknown option '+{flag}' ({accepted})")
+    params: dict[str, Any] = {"compress_question": True} if plus else {}
+    if name == "full" and not value and not plus:
+        return PeerMethod("full")
+    if name in PRESS_METHODS:
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise ValueError(f"peer {spec!r}: {name} needs a compression ratio, e.g. {name}:0.5 ({accepted})") from None
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"peer {spec!r}: compression ratio {ratio:g} is outside [0, 1)")
+        return PeerMethod(name, {"compression_ratio": ratio, **params})
+    if name in CACHE_BACKENDS:
+        bits = {"quanto": (2, 4), "hqq": (1, 2, 3, 4, 8)}[name]
+        if not value.isdigit() or int(value) not in bits:
+            raise ValueError(f"peer {spec!r}: {name} takes a bit width in {bits}, e.g. {name}:{bits[-1]} ({accepted})")
+        return PeerMethod("quantized_cache", {"backend": name, "nbits": int(value), **params})
+    raise ValueError(f"unknown peer {spec!r} ({accepted})")
 
 
 @dataclass(frozen=True)
@@ -568,10 +614,12 @@ class PeerRunner:
 
 
 class PeerGenerator:
-    """One peer method as a :class:`~kvcomp_eval.protocols.TextGenerator` (for the evaluators).
+    """A peer method as a :class:`~kvcomp_eval.protocols.TextGenerator` (for the evaluators).
 
-    Keeps one runner process (``--serve``) with the model loaded; each :meth:`generate` is one
-    job. Close it (or use it as a context manager) to end the process.
+    Keeps one runner process (``--serve``) with the model loaded; each :meth:`generate` /
+    :meth:`run` is one job of :attr:`method`, which may be reassigned between calls to run
+    another peer on the same process. Close it (or use it as a context manager) to end the
+    process.
     """
 
     def __init__(
@@ -607,14 +655,45 @@ class PeerGenerator:
     def generate(
         self, prompt: str, *, question_span: tuple[int, int] | None = None, max_new_tokens: int = 32
     ) -> GenerationResult:
-        """Prefill ``prompt`` through the peer method and decode greedily."""
+        """Prefill ``prompt`` through :attr:`method` and decode greedily."""
+        return self.run(prompt, question_span=question_span, max_new_tokens=max_new_tokens).to_generation_result()
+
+    def run(
+        self,
+        prompt: str,
+        *,
+        question_span: tuple[int, int] | None = None,
+        max_new_tokens: int = 32,
+        teacher_tokens: Sequence[int] | None = None,
+        reference_logprobs: Tensor | None = None,
+    ) -> PeerRow:
+        """One job of one prompt through :attr:`method` (set it to switch methods; the model stays loaded).
+
+        Args:
+            teacher_tokens: ids to teacher-force through the peer's cache for KL (the row's ``kl_steps``).
+            reference_logprobs: ``[R, V]`` reference log-probs after the prompt and each of
+                ``teacher_tokens[:R - 1]`` (``R <= len(teacher_tokens) + 1``); without them the
+                runner compares with its own uncompressed model.
+        """
         if self._proc is None:
             raise RuntimeError("this PeerGenerator is closed")
+        if reference_logprobs is not None and not teacher_tokens:
+            raise ValueError("reference_logprobs need the teacher_tokens they were computed on")
         self._count += 1
+        pid = f"g{self._count}"
+        teacher = {pid: list(teacher_tokens)} if teacher_tokens else None
+        files = None
+        if reference_logprobs is not None:
+            if not isinstance(reference_logprobs, Tensor) or reference_logprobs.dim() != 2:
+                raise ValueError("reference_logprobs must be a [R, V] tensor")
+            files = {pid: os.path.join(self._workdir, f"ref-{self._count}.pt")}
+            torch.save(reference_logprobs.detach().float().cpu().contiguous(), files[pid])
         job = self._runner.build_job(
-            [PeerPrompt(f"g{self._count}", prompt, question_span)],
+            [PeerPrompt(pid, prompt, question_span)],
             [self.method],
             max_new_tokens,
+            teacher,
+            files,
             logprobs_dir=os.path.join(self._workdir, str(self._count)) if self.with_logprobs else None,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -623,10 +702,20 @@ class PeerGenerator:
             self._proc.stdin.flush()
         except BrokenPipeError:
             raise PeerRunnerError(f"peer runner is gone (exit status {self._proc.poll()})") from None
-        rows = list(parse_output(self._proc.stdout))
+        state = _JobState()
+        rows = list(parse_output(self._proc.stdout, state))
+        if state.started is not None and self._runner.versions is None:
+            self._runner.versions = state.started.get("versions")
+        if files:
+            os.unlink(files[pid])
         if len(rows) != 1:
             raise PeerRunnerError(f"expected one row for one prompt, got {len(rows)}")
-        return rows[0].to_generation_result()
+        return rows[0]
+
+    @property
+    def versions(self) -> dict[str, str] | None:
+        """Package versions the runner reported (kvpress, transformers, ...) after the first job."""
+        return self._runner.versions
 
     def close(self) -> None:
         if self._proc is not None:

@@ -62,13 +62,16 @@ def plot_score_vs_kv(rows: Sequence[Mapping[str, Any]], order: Sequence[str], pa
 def plot_fidelity_vs_kv(rows: Sequence[Mapping[str, Any]], order: Sequence[str], path: Path, kl_steps: int) -> Path:
     colours = _colours(order)
     stats = aggregate(rows, order)
-    fig = Figure(figsize=(10, 4.2))
+    many = len(stats) > 8
+    fig = Figure(figsize=(13 if many else 10, 4.6 if many else 4.2))
     ax_kl, ax_pre = fig.subplots(1, 2)
     for s in stats:
-        ax_kl.scatter(s.kv_fraction, s.kl_mean, color=colours[s.config], s=50, label=s.config)
-        ax_kl.annotate(s.config, (s.kv_fraction, s.kl_mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax_pre.scatter(s.kv_fraction, s.prefix_agreement, color=colours[s.config], s=50, label=s.config)
-        ax_pre.annotate(s.config, (s.kv_fraction, s.prefix_agreement), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # Peers (``peer:`` configs) hollow, kvcomp's configs filled: the two families at a glance.
+        style = {"s": 50, "edgecolors": colours[s.config], "label": s.config,
+                 "facecolors": "none" if s.config.startswith("peer:") else colours[s.config]}
+        for ax, y in ((ax_kl, s.kl_mean), (ax_pre, s.prefix_agreement)):
+            ax.scatter(s.kv_fraction, y, **style)
+            ax.annotate(s.config.removeprefix("peer:"), (s.kv_fraction, y), textcoords="offset points", xytext=(4, 4), fontsize=6 if many else 7)
     # symlog: the reference sits at exactly 0 and compressed configs span decades.
     ax_kl.set_yscale("symlog", linthresh=1e-4)
     ax_kl.set_xlabel("KV bytes / fp16 cache bytes")
@@ -80,7 +83,10 @@ def plot_fidelity_vs_kv(rows: Sequence[Mapping[str, Any]], order: Sequence[str],
     ax_pre.set_title("Greedy output agreement")
     for ax in (ax_kl, ax_pre):
         ax.grid(alpha=0.3)
-    ax_pre.legend(fontsize=7, loc="best")
+    if many:
+        ax_pre.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax_pre.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

@@ -267,6 +267,9 @@ def test_resume_into_a_folder_of_another_run_is_refused(tiny_model_dir, run_copy
         (["--preset", "default", "--suite", "longbench:qasper", "--data-dir", "/nonexistent/lb"], "LongBench data folder not found"),
         (["--preset", "default", "--depths", "0.5,1.5"], "depths must lie in [0, 1]"),
         ([], "give at least one --preset"),
+        (["--peer", "tova"], "tova needs a compression ratio, e.g. tova:0.5"),
+        (["--peer", "hqq:5"], "hqq takes a bit width in (1, 2, 3, 4, 8)"),
+        (["--peer", "nosuch:0.5"], "unknown peer 'nosuch:0.5'"),
         (["--config", "/nonexistent/c.yaml"], "does not exist"),
     ],
 )
@@ -316,6 +319,31 @@ def test_longbench_suite_runs_and_a_bad_row_is_named_without_losing_results(tiny
     err = capsys.readouterr().err
     assert "qasper.jsonl, line 3" in err and "context" in err
     assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_min_prompt_tokens_keeps_only_long_enough_rows(tiny_model_dir, tmp_path):
+    folder = tmp_path / "lb"
+    folder.mkdir()
+    rows = [{"input": f"What colour is item {i}?", "context": "The sky is blue. " * reps + f"Item {i} is red.",
+             "answers": ["red"], "all_classes": None, "length": 30, "_id": f"id{i}"} for i, reps in enumerate([2, 20, 3, 25, 30])]
+    (folder / "qasper.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+    def ids(**options):
+        suite = BenchSuite.parse("longbench:qasper", data_dir=folder, **options)
+        bench = CompressionBenchmark({"default": CompressionConfig.from_preset("default")}, suite, tmp_path / "run",
+                                     model=str(tiny_model_dir), max_new_tokens=2, progress=False)
+        return [(ex.example_id, ex.prompt_tokens) for ex in bench.examples()]
+
+    every = ids()
+    floor = sorted(n for _, n in every)[2]  # the three longest rows (1, 3, 4) reach it
+    long_ones = [(i, n) for i, n in every if n >= floor]
+    assert [i for i, _ in long_ones] == ["qasper-1", "qasper-3", "qasper-4"]
+    assert ids(min_prompt_tokens=floor, limit=2) == long_ones[:2]  # --limit counts the rows kept
+    assert ids(min_prompt_tokens=floor, offset=2) == long_ones[1:]  # --offset still skips file rows first
+    with pytest.raises(ValueError, match="probes take their lengths"):
+        BenchSuite.parse("passkey", min_prompt_tokens=100)
+    with pytest.raises(ValueError, match="exceeds max_prompt_tokens"):
+        BenchSuite.parse("longbench:qasper", min_prompt_tokens=500, max_prompt_tokens=400)
 
 
 def test_suite_parsing_and_identity():

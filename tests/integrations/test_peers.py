@@ -33,9 +33,12 @@ from kvcomp_eval.peers import (
     PeerRunnerError,
     PeersUnavailable,
     parse_output,
+    parse_peer_spec,
     parse_row,
     peers_available,
 )
+from kvcomp_eval.bench import BenchSuite, CompressionBenchmark, peer_hash, read_results
+from kvcore.config import CompressionConfig
 from kvcore.types import GenerationResult
 
 LAYERS, H_KV, HEAD_DIM = 4, 2, 32  # tiny_config(): hidden 128 / 4 heads, 2 KV heads
@@ -429,3 +432,99 @@ def test_peer_generator_serves_jobs(tiny_model_dir: Path) -> None:
     assert 1 <= len(again.token_ids) <= 2
     with pytest.raises(RuntimeError, match="closed"):
         gen.generate(PROMPT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Peers inside `kvcomp bench`
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("spec", "name", "params"),
+    [
+        ("tova:0.5", "tova", {"compression_ratio": 0.5}),
+        ("snapkv+question:0.25", "snapkv", {"compression_ratio": 0.25, "compress_question": True}),
+        ("expected_attention:0", "expected_attention", {"compression_ratio": 0.0}),
+        ("hqq:4", "quantized_cache", {"backend": "hqq", "nbits": 4}),
+        ("quanto:2", "quantized_cache", {"backend": "quanto", "nbits": 2}),
+        ("full", "full", {}),
+    ],
+)
+def test_parse_peer_spec(spec: str, name: str, params: dict[str, Any]) -> None:
+    method = parse_peer_spec(spec)
+    assert (method.name, dict(method.params)) == (name, params)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("tova", "needs a compression ratio"),
+        ("tova:1.0", r"outside \[0, 1\)"),
+        ("tova:half", "needs a compression ratio"),
+        ("quanto:8", r"bit width in \(2, 4\)"),
+        ("snapkv+questions:0.5", "unknown option"),
+        ("h2o:0.5", "unknown peer 'h2o:0.5'"),
+    ],
+)
+def test_parse_peer_spec_refuses_and_says_what_is_accepted(spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        parse_peer_spec(spec)
+    assert "accepted" in str(info.value) or "outside" in str(info.value)
+
+
+def _probe_bench(model: Path, out: Path, peers: list[PeerMethod], python: str | None) -> CompressionBenchmark:
+    return CompressionBenchmark(
+        {"default": CompressionConfig.from_preset("default")},
+        BenchSuite.parse("passkey", lengths=[300], depths=[0.5], limit=1),
+        out,
+        model=str(model),
+        max_new_tokens=4,
+        kl_steps=3,
+        peers=peers,
+        peer_threads=1,
+        peer_python=python,
+        progress=False,
+    )
+
+
+def test_bench_runs_a_peer_on_the_same_prompts(tiny_model_dir: Path, tmp_path: Path, one_torch_thread: None) -> None:
+    """The runner's uncompressed peer (it needs transformers only) under this Python, inside a bench run:
+    same prompt, same greedy tokens, KL ~ 0 against kvcomp's own reference, rows and report like a config."""
+    out = tmp_path / "run"
+    outcome = _probe_bench(tiny_model_dir, out, [PeerMethod("full")], sys.executable).run()
+    rows = read_results(out / "results.jsonl")
+    assert [r["config"] for r in rows] == ["full", "default", "peer:full"]
+    full, _, peer = rows
+    assert peer["prompt_tokens"] == full["prompt_tokens"] and peer["token_ids"] == full["token_ids"]
+    assert peer["exact_match"] is True and peer["prefix_agreement"] == 1.0
+    assert len(peer["kl_per_step"]) == 3 and max(peer["kl_per_step"]) < 1e-5
+    assert peer["kv_fraction"] == 1.0  # peers count float tensors at fp16 size; kvcomp's full is fp32 (2.0)
+    assert peer["config_hash"] == peer_hash(PeerMethod("full"))
+    run = json.loads((out / "run.json").read_text())
+    assert list(run["configs"]) == ["full", "default", "peer:full"]
+    assert run["configs"]["peer:full"]["config"]["name"] == "full"
+    assert "transformers" in run["runs"][-1]["peer_versions"]
+    assert "| `peer:full` |" in outcome.summary.read_text(encoding="utf-8")
+    # Resuming finds every row, the peer's included, and starts no runner.
+    again = _probe_bench(tiny_model_dir, out, [PeerMethod("full")], sys.executable).run()
+    assert (again.written, again.skipped) == (0, 3)
+
+
+def test_bench_refuses_presses_without_the_peers_environment(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # This Python has transformers but no kvpress: a press cannot run here.
+    with pytest.raises(PeersUnavailable, match="kvpress not installed"):
+        _probe_bench(tiny_model_dir, out, [PeerMethod("tova", {"compression_ratio": 0.5})], sys.executable).run()
+    with pytest.raises(PeersUnavailable, match="make peers-venv"):
+        _probe_bench(tiny_model_dir, out, [PeerMethod("full")], str(tmp_path / "none" / "python")).run()
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("peers_env")
+def test_bench_runs_presses_and_quantized_caches(tiny_model_dir: Path, tmp_path: Path, one_torch_thread: None) -> None:
+    peers = [parse_peer_spec(s) for s in ("tova:0.5", "hqq:4")]
+    out = tmp_path / "run"
+    _probe_bench(tiny_model_dir, out, peers, None).run()
+    rows = {r["config"]: r for r in read_results(out / "results.jsonl")}
+    assert set(rows) == {"full", "default", "peer:tova r=0.5", "peer:hqq 4-bit"}
+    for name in ("peer:tova r=0.5", "peer:hqq 4-bit"):
+        assert 0 < rows[name]["kv_fraction"] < 1 and rows[name]["kl_mean"] >= 0
+        assert rows[name]["prompt_tokens"] == rows["full"]["prompt_tokens"]

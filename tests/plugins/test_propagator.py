@@ -158,6 +158,16 @@ def test_ratio_refers_to_the_original_length() -> None:
     assert prop.select(1, scores, positions, protected, 40) is None  # ceil(0.3 * 40) = 12 > N = 10
 
 
+def test_min_keep_tokens_leaves_short_prompts_whole_and_floors_long_ones() -> None:
+    prop = get_registry().create("propagator", "selective", {"keep_ratio_by_layer": {1: 0.25}, "min_keep_tokens": 16})
+    scores, positions, protected = make_inputs(1, 40, window=1, n_sink=0)
+    assert prop.select(1, scores[..., :12], positions[:, :12], protected[:, :12], 12) is None  # 12 <= 16: untouched
+    assert prop.select(1, scores, positions, protected, 40).shape == (1, 16)  # not ceil(0.25 * 40) = 10
+    assert prop.n_keep(1, 400) == 100  # long prompts follow the ratio
+    with pytest.raises(ComponentError, match=r"propagator\.min_keep_tokens"):
+        get_registry().create("propagator", "selective", {"keep_ratio_by_layer": {1: 0.5}, "min_keep_tokens": -1})
+
+
 def test_bad_shapes_are_refused() -> None:
     scores, positions, protected = make_inputs(2, 10)
     prop = make_propagator({0: 0.5})

@@ -34,6 +34,14 @@ class SelectiveConfig(BaseModel):
         description="layer index -> fraction of the original prompt tokens kept after it"
     )
     aggregation: Literal["mean", "max"] = Field("mean", description="how scores are combined over KV heads")
+    min_keep_tokens: int = Field(
+        0,
+        ge=0,
+        description="never thin below this many tokens: prompts up to this length are not thinned at all",
+    )
+    """Short prompts gain little prefill time from thinning and lose the most fidelity (a quarter
+    of 500 tokens leaves too little context for later layers), so a floor keeps them whole while
+    long prompts still follow the ratios."""
 
     @field_validator("keep_ratio_by_layer", mode="before")
     @classmethod
@@ -84,9 +92,9 @@ class SelectivePropagator:
     config:
         A :class:`SelectiveConfig`; or pass its fields as keywords instead.
 
-    After layer ``l`` with ratio ``r``: ``n_keep = max(ceil(r * n_original), protected count)``
-    (the largest protected count in the batch), capped at the current token count ``N``; the
-    same ``n_keep`` holds for every row. Order of preference: protected tokens, then real
+    After layer ``l`` with ratio ``r``: ``n_keep = max(ceil(r * n_original), min_keep_tokens,
+    protected count)`` (the largest protected count in the batch), capped at the current token
+    count ``N``; the same ``n_keep`` holds for every row. Order of preference: protected tokens, then real
     tokens by score aggregated over KV heads (``None`` scores: most recent first), then padding.
     """
 
@@ -117,7 +125,7 @@ class SelectivePropagator:
         """Tokens the schedule keeps after ``layer_idx`` (before protected tokens and ``N`` cap it)."""
         ratio = self.config.keep_ratio_by_layer[layer_idx]
         # Rounding first stops float noise (0.3 * 10 = 3.0000000000000004) from keeping one extra token.
-        return max(1, math.ceil(round(ratio * n_original, 9)))
+        return max(1, math.ceil(round(ratio * n_original, 9)), self.config.min_keep_tokens)
 
     def select(
         self,
