@@ -54,7 +54,8 @@ def quick_methods() -> list[PeerMethod]:
     return methods
 
 
-METHOD_SETS = {"peers-md": peers_md_methods, "quick": quick_methods}
+METHOD_SETS = {"peers-md": peers_md_methods, "quick": quick_methods, "none": list}
+"""``none``: no peers, only the ``--with-kvcomp`` presets (to add kvcomp rows to an existing file)."""
 
 
 CLASSIC_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -92,6 +93,8 @@ def _probe_fields(pid: str, ex: ProbeExample, prediction: str) -> dict[str, Any]
 
 def run_peers(args: argparse.Namespace, examples: dict[str, ProbeExample], out: Any) -> None:
     methods = METHOD_SETS[args.methods]()
+    if not methods:
+        return
     runner = PeerRunner(model=args.model, threads=args.threads)
     prompts = [PeerPrompt(pid, ex.prompt, ex.question_span) for pid, ex in examples.items()]
     print(f"peers: {len(methods)} methods x {len(prompts)} prompts", file=sys.stderr, flush=True)

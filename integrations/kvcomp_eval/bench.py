@@ -44,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm.auto import tqdm
 
 from kvcomp_eval.fidelity import greedy_exact_match, next_token_kl, output_rouge_l, prefix_agreement
-from kvcomp_eval.peers import PRESS_METHODS, PeerGenerator, PeerMethod, PeersUnavailable, peers_available
 from kvcomp_eval.longbench import (
     DATASET2MAXLEN,
     LONGBENCH_E_TASKS,
@@ -54,6 +53,7 @@ from kvcomp_eval.longbench import (
     LongBenchExample,
     PreparedExample,
 )
+from kvcomp_eval.peers import PRESS_METHODS, PeerGenerator, PeerMethod, PeersUnavailable, peers_available
 from kvcomp_eval.probes import PROBES, ProbeEvaluator, ProbeExample, build_probe
 from kvcore.config import CompressionConfig, ConfigError, format_validation_error
 from kvcore.loading import DEFAULT_MODEL

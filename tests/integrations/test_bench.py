@@ -261,7 +261,7 @@ def test_resume_into_a_folder_of_another_run_is_refused(tiny_model_dir, run_copy
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--preset", "nosuch"], "unknown preset 'nosuch'; presets: default"),
+        (["--preset", "nosuch"], "unknown preset 'nosuch'; presets: compact, default"),
         (["--preset", "default", "--suite", "needles"], "unknown suite 'needles'"),
         (["--preset", "default", "--suite", "longbench:nosuch"], "unknown LongBench task"),
         (["--preset", "default", "--suite", "longbench:qasper", "--data-dir", "/nonexistent/lb"], "LongBench data folder not found"),

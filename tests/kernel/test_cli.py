@@ -96,7 +96,7 @@ def test_plugins_lists_every_component(capsys: pytest.CaptureFixture[str]) -> No
 # -- bad input: exit status 2, a "kvcomp: error:" line, no traceback -----------------------------------------
 SHOW = ["config", "show"]
 BAD_INPUT = {
-    "unknown preset": ([*SHOW, "--preset", "nope"], "unknown preset 'nope'; presets: default"),
+    "unknown preset": ([*SHOW, "--preset", "nope"], "unknown preset 'nope'; presets: compact, default"),
     "missing file": ([*SHOW, "--config", "/nonexistent/c.yaml"], "config file /nonexistent/c.yaml does not exist"),
     "set without value": ([*SHOW, "--set", "scorer.alpha"], "--set expects KEY=VALUE, got 'scorer.alpha'"),
     "set with bad YAML": ([*SHOW, "--set", "scorer.alpha=[0.5"], "--set 'scorer.alpha=[0.5': the value is not valid"),
