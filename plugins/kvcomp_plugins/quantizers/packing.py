@@ -87,7 +87,10 @@ def scale_zero_from_minmax(mn: Tensor, mx: Tensor, bits: int) -> tuple[Tensor, T
     zero = fp16_round_down(mn)
     span = mx - zero.to(torch.float32)
     # A non-zero span must give a non-zero scale even if span / qmax underflows fp32.
-    step = torch.where(span > 0, (span / qmax).clamp_min(FP32_TRUE_MIN), 0.0)
+    # Divide by a full tensor, not the Python float: on CUDA, torch turns division by a scalar
+    # into multiplication by its reciprocal, which is not correctly rounded, and the bytes
+    # would then depend on the device (and differ from the Triton kernels' div_rn).
+    step = torch.where(span > 0, (span / torch.full_like(span, qmax)).clamp_min(FP32_TRUE_MIN), 0.0)
     return fp16_round_up(step), zero
 
 
