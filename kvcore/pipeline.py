@@ -136,7 +136,9 @@ class KVCompPipeline:
         cache: Any = self.model.new_cache(window) if compressed else DynamicCache(config=self.model.config)
 
         start = time.perf_counter()
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        # Only the last position's logits are needed; without logits_to_keep=1 the uncompressed
+        # model would run its LM head over the whole prompt, inflating the baseline's TTFT.
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         cache = out.cache
         logits = out.logits[:, -1].float()
         token = _next_token(logits, do_sample, temperature, top_p, generator)
@@ -195,7 +197,7 @@ class KVCompPipeline:
         input_ids, window = self.encode(prompt, question_span, len(continuation_ids) + 1, truncate)
         device = next(self.model.parameters()).device
         cache: Any = self.model.new_cache(window) if self.model.compressor is not None else DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids.to(device), cache=cache, use_cache=True)
+        out = self.model(input_ids=input_ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
         rows = [out.logits[:, -1].float()]
         if continuation_ids:
             cont = torch.tensor([continuation_ids], dtype=torch.long, device=device)
