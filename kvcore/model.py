@@ -154,17 +154,21 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         started = time.perf_counter()
         stats_tokens: list[int] = []
 
+        # Host-device syncs are paid once here, not per layer: on a GPU each one stalls the launch
+        # queue. Padding never appears later (propagation only drops tokens), and the window
+        # indices change only when propagation thins the stream.
+        padded = not bool(valid.all())
+        window_idx = is_window[0].nonzero().flatten()
         hidden = self.model.embed_tokens(input_ids)
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             rope_pos = positions.clamp(min=0)
             cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
-            window_idx = is_window[0].nonzero().flatten()
             capture = PrefillCapture(window_idx=window_idx)
             with capture_prefill(capture):
                 hidden = decoder_layer(
                     hidden,
-                    attention_mask=_prefill_mask(positions),
+                    attention_mask=_prefill_mask(positions) if padded else None,
                     position_ids=rope_pos,
                     position_embeddings=(cos, sin),
                     cache=None,
@@ -195,6 +199,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 is_window = is_window.gather(1, keep)
                 if b > 1 and not bool((is_window == is_window[:1]).all()):
                     raise ValueError("an explicit prompt window with batch > 1 and propagation is not supported")
+                window_idx = is_window[0].nonzero().flatten()
 
         hidden = self.model.norm(hidden[:, -1:])
         logits = self.lm_head(hidden).float()
@@ -216,12 +221,11 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         return mask
 
 
-def _prefill_mask(positions: Tensor) -> Tensor | None:
-    """Causal mask over the tokens now in the stream (sorted by position); ``None`` lets SDPA use its
-    causal kernel when there is no padding. Padding rows attend to themselves to stay finite."""
+def _prefill_mask(positions: Tensor) -> Tensor:
+    """Causal mask ``[B, 1, N, N]`` over the tokens now in the stream (sorted by position) of a
+    left-padded batch; without padding the caller passes ``None`` so that SDPA uses its causal
+    kernel. Padding rows attend to themselves to stay finite."""
     valid = positions >= 0
-    if bool(valid.all()):
-        return None
     n = positions.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=positions.device).tril()
     mask = causal[None] & valid[:, None, :]

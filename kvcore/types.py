@@ -8,6 +8,7 @@ storage tier. Positions are *original* prompt positions (what RoPE saw); ``-1`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -45,24 +46,26 @@ class LayerObservation:
     n_original: int
     n_sink: int = 4
 
-    @property
+    # Cached: several components read the same masks, and on a GPU every extra small op is a
+    # kernel launch in the prefill loop. The observation is built once per layer and not mutated.
+    @cached_property
     def padding_mask(self) -> Tensor:
         """``[B, N]`` bool, True where the slot is padding."""
         return self.positions < 0
 
-    @property
+    @cached_property
     def sink_mask(self) -> Tensor:
         """``[B, N]`` bool, True for attention-sink tokens."""
         return (self.positions >= 0) & (self.positions < self.n_sink)
 
-    @property
+    @cached_property
     def window_mask(self) -> Tensor:
         """``[B, N]`` bool, True for prompt-window tokens."""
         mask = torch.zeros_like(self.positions, dtype=torch.bool)
         mask[:, self.window_idx] = True
         return mask & ~self.padding_mask
 
-    @property
+    @cached_property
     def protected_mask(self) -> Tensor:
         """``[B, N]`` bool: sinks and window, which are never dropped nor quantised."""
         return self.sink_mask | self.window_mask
