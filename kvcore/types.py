@@ -61,8 +61,8 @@ class LayerObservation:
     @cached_property
     def window_mask(self) -> Tensor:
         """``[B, N]`` bool, True for prompt-window tokens."""
-        mask = torch.zeros_like(self.positions, dtype=torch.bool)
-        mask[:, self.window_idx] = True
+        # index_fill_ rather than ``mask[:, idx] = True``: on CUDA that index_put_ syncs the host.
+        mask = torch.zeros_like(self.positions, dtype=torch.bool).index_fill_(1, self.window_idx, True)
         return mask & ~self.padding_mask
 
     @cached_property
