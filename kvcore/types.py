@@ -62,7 +62,7 @@ class LayerObservation:
     def window_mask(self) -> Tensor:
         """``[B, N]`` bool, True for prompt-window tokens."""
         # index_fill_ rather than ``mask[:, idx] = True``: on CUDA that index_put_ syncs the host.
-        mask = torch.zeros_like(self.positions, dtype=torch.bool).index_fill_(1, self.window_idx, True)
+        mask = torch.zeros_like(self.positions, dtype=torch.bool).index_fill_(1, self.window_idx.long(), True)
         return mask & ~self.padding_mask
 
     @cached_property
