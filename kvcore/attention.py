@@ -96,16 +96,17 @@ def _attend_by_positions(
 ) -> tuple[Tensor, None]:
     """Decode attention; ``key_positions`` int64 ``[B, H_kv, n]`` (-1 = padding), the ``q`` queries
     sit at positions ``next_position - q ... next_position - 1``."""
-    b, h, q, _ = query.shape
-    groups = h // key.shape[1]
+    b, h, q, d = query.shape
+    h_kv = key.shape[1]
+    groups = h // h_kv
     query_pos = next_position[:, None] - q + torch.arange(q, device=query.device)[None, :]  # [B, q]
     kp = key_positions[:, :, None, :]  # [B, H_kv, 1, n]
     mask = (kp >= 0) & (kp <= query_pos[:, None, :, None])  # [B, H_kv, q, n]
-    mask = mask.repeat_interleave(groups, dim=1)
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    # The query heads of one KV head become extra query rows ([B, H_kv, groups * q, d]) instead of
+    # copying every key and value ``groups`` times: the cache is re-read at every decode step.
+    grouped = query.reshape(b, h_kv, groups * q, d)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask.repeat(1, 1, groups, 1), scale=scaling)
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvcomp_attention_forward)
