@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kvcomp_eval.metrics import TASK_METRIC_NAMES, score_prediction
 from kvcomp_eval.metrics_summary import generation_metrics
-from kvcomp_eval.protocols import TextGenerator
+from kvcomp_eval.protocols import TextGenerator, generate_rows, require_text_generator
 from kvcomp_eval.tokenization import DataCollator, count_prompt_tokens
 from kvcore.types import GenerationResult
 
@@ -437,11 +436,7 @@ class LongBenchEvaluator:
         max_new_tokens: int | None = None,
         progress: bool = True,
     ) -> None:
-        if not isinstance(generator, TextGenerator):
-            raise TypeError(
-                "generator must provide tokenizer, max_prompt_tokens and generate(prompt, *, question_span, "
-                f"max_new_tokens); got {type(generator).__name__}"
-            )
+        require_text_generator(generator)
         max_prompt = generator.max_prompt_tokens
         if isinstance(max_prompt, bool) or not isinstance(max_prompt, int) or max_prompt < 1:
             raise ValueError(f"generator.max_prompt_tokens must be a positive int, got {max_prompt!r}")
@@ -507,13 +502,10 @@ class LongBenchEvaluator:
     def iter_examples(self) -> Iterator[dict[str, Any]]:
         """Generate and score example after example, yielding each row as soon as it is done."""
         data = self.load()
-        total = sum(len(v) for v in data.values())
-        with tqdm(total=total, desc="LongBench", unit="ex", disable=not self.config.progress) as bar:
-            for prepared in self.iter_prepared(data):
-                bar.set_postfix_str(prepared.task, refresh=False)
-                row = self.score_row(prepared, self.run_prepared(prepared))
-                bar.update(1)
-                yield row
+        yield from generate_rows(
+            self.iter_prepared(data), sum(len(v) for v in data.values()), self.run_prepared, self.score_row,
+            desc="LongBench", label=lambda p: p.task, progress=self.config.progress,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Run everything; return the mean score per task (0..1). Rows are kept in :attr:`rows`."""

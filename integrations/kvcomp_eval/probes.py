@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kvcomp_eval.metrics_summary import generation_metrics
-from kvcomp_eval.protocols import TextGenerator
+from kvcomp_eval.protocols import TextGenerator, generate_rows, require_text_generator
 from kvcomp_eval.tokenization import count_prompt_tokens
 from kvcore.types import GenerationResult
 
@@ -453,11 +452,7 @@ class ProbeEvaluator:
         progress: bool = True,
         **probe_options: int,
     ) -> None:
-        if not isinstance(generator, TextGenerator):
-            raise TypeError(
-                "generator must provide tokenizer, max_prompt_tokens and generate(prompt, *, question_span, "
-                f"max_new_tokens); got {type(generator).__name__}"
-            )
+        require_text_generator(generator)
         self.config = ProbeEvalConfig(
             probe=probe,  # type: ignore[arg-type]  # validated by the config
             lengths=tuple(lengths),
@@ -534,13 +529,10 @@ class ProbeEvaluator:
     def iter_examples(self) -> Iterator[dict[str, Any]]:
         """Generate and score example after example, yielding each row as soon as it is done."""
         c = self.config
-        total = len(c.lengths) * len(c.depths) * c.n_per_cell
-        with tqdm(total=total, desc=f"probe {c.probe}", unit="ex", disable=not c.progress) as bar:
-            for example in self.iter_prepared():
-                bar.set_postfix_str(f"len={example.length} depth={example.depth:g}", refresh=False)
-                row = self.score_row(example, self.run_prepared(example))
-                bar.update(1)
-                yield row
+        yield from generate_rows(
+            self.iter_prepared(), len(c.lengths) * len(c.depths) * c.n_per_cell, self.run_prepared, self.score_row,
+            desc=f"probe {c.probe}", label=lambda e: f"len={e.length} depth={e.depth:g}", progress=c.progress,
+        )
 
     def evaluate(self) -> dict[str, Any]:
         """Run the sweep; return :func:`summarize_probe_rows`. Rows are kept in :attr:`rows`."""

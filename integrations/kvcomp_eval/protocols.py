@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kvcore.types import GenerationResult
@@ -39,3 +41,36 @@ class TextGenerator(Protocol):
             max_new_tokens: most tokens to generate.
         """
         ...
+
+
+def require_text_generator(generator: object) -> TextGenerator:
+    """``generator`` itself if it is a :class:`TextGenerator`, else a ``TypeError`` naming its type."""
+    if not isinstance(generator, TextGenerator):
+        raise TypeError(
+            "generator must provide tokenizer, max_prompt_tokens and generate(prompt, *, question_span, "
+            f"max_new_tokens); got {type(generator).__name__}"
+        )
+    return generator
+
+
+Example = TypeVar("Example")
+
+
+def generate_rows(
+    examples: Iterable[Example],
+    total: int,
+    run: Callable[[Example], GenerationResult],
+    score: Callable[[Example, GenerationResult], dict[str, Any]],
+    *,
+    desc: str,
+    label: Callable[[Example], str],
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Generate and score example after example behind one progress bar, yielding each row as soon
+    as it is done (the loop every evaluator shares)."""
+    with tqdm(total=total, desc=desc, unit="ex", disable=not progress) as bar:
+        for example in examples:
+            bar.set_postfix_str(label(example), refresh=False)
+            row = score(example, run(example))
+            bar.update(1)
+            yield row
