@@ -5,8 +5,9 @@ model loaded with it behaves like an ordinary ``sdpa`` model. Inside a pass it d
 
 - during compressed prefill it hands the layer's post-RoPE window queries, keys and values to the
   prefill loop (:func:`capture_prefill`), which compresses them right after the layer;
-- while decoding on a :class:`~kvcore.cache.CompressedKVCache` it masks by the *original*
-  positions of the stored tokens, which differ per KV head and per layer.
+- while decoding on a :class:`~kvcore.cache.CompressedKVCache` it hands the queries to the cache
+  layer, which attends straight from the packed tiers and masks by the *original* positions of
+  the stored tokens (:meth:`~kvcore.cache.CompressedKVLayer.attend`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -80,33 +80,11 @@ def kvcomp_attention_forward(
     cache = _DECODE_CACHE.get()
     if cache is not None:
         layer = cache.layer(module.layer_idx)  # type: ignore[attr-defined]
-        if layer.key_positions is not None and layer.key_positions.shape[-1] == key.shape[-2]:
-            return _attend_by_positions(module, query, key, value, layer.key_positions, layer.next_position, scaling)
+        if layer.pending_queries:
+            # Attention over the packed tiers and the dense store; ``key``/``value`` are only the
+            # new tokens, already stored by the cache's update().
+            return layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def _attend_by_positions(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_positions: Tensor,
-    next_position: Tensor,
-    scaling: float | None,
-) -> tuple[Tensor, None]:
-    """Decode attention; ``key_positions`` int64 ``[B, H_kv, n]`` (-1 = padding), the ``q`` queries
-    sit at positions ``next_position - q ... next_position - 1``."""
-    b, h, q, d = query.shape
-    h_kv = key.shape[1]
-    groups = h // h_kv
-    query_pos = next_position[:, None] - q + torch.arange(q, device=query.device)[None, :]  # [B, q]
-    kp = key_positions[:, :, None, :]  # [B, H_kv, 1, n]
-    mask = (kp >= 0) & (kp <= query_pos[:, None, :, None])  # [B, H_kv, q, n]
-    # The query heads of one KV head become extra query rows ([B, H_kv, groups * q, d]) instead of
-    # copying every key and value ``groups`` times: the cache is re-read at every decode step.
-    grouped = query.reshape(b, h_kv, groups * q, d)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask.repeat(1, 1, groups, 1), scale=scaling)
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvcomp_attention_forward)

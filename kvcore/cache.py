@@ -1,21 +1,28 @@
-"""``CompressedKVCache``: a transformers ``Cache`` holding packed tiers plus full-precision buffers.
+"""``CompressedKVCache``: a transformers ``Cache`` holding packed tiers plus full-precision tokens.
 
 Per layer it holds what prefill compression produced (quantised tiers + a full-precision residual
-of sinks, prompt window and the last prompt tokens) and, for decoding, a full-precision buffer of
-generated tokens. When that buffer grows past the quantizer's ``residual_length`` (R), its oldest
-``flush_tokens`` tokens are quantised into one more tier. At each decode step ``update`` returns
-the dense keys/values of exactly the stored tokens; their original positions are kept beside them
-so the attention function can mask padding and respect causality.
+of sinks, prompt window and the last prompt tokens). On the first decode step the residual moves
+into a *dense store* with spare room, so generated tokens are written in place rather than
+concatenated each step. When the generated tokens in it exceed the quantizer's
+``residual_length`` (R), the oldest ``flush_tokens`` are quantised and appended to one flushed
+tier. Decode attention then reads the tiers straight from their packed codes and the dense store
+as it is (:meth:`CompressedKVLayer.attend`); no dense copy of the layer is ever built.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcore.protocols import Quantizer
-from kvcore.types import CompressedLayer, KVTier, tensor_bytes
+from kvcore.decode_attention import attend_dense, merge_into_nonempty, merge_parts
+from kvcore.protocols import Quantizer, TierAttention
+from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
+
+DENSE_GROWTH_TOKENS = 32
+"""The dense store grows by this many token slots at a time (they count in ``kv_bytes``)."""
 
 
 class CompressedKVLayer(CacheLayerMixin):
@@ -27,13 +34,19 @@ class CompressedKVLayer(CacheLayerMixin):
         super().__init__()
         self.quantizer = quantizer
         self.compressed: CompressedLayer | None = None
-        self.flushed: list[KVTier] = []
-        self.buffer_keys: Tensor | None = None  # [B, H_kv, n_buf, d] storage dtype
-        self.buffer_values: Tensor | None = None
-        self.buffer_positions: Tensor | None = None  # int32 [B, H_kv, n_buf]
+        self.flushed: list[KVTier] = []  # decode overflow; consecutive flushes merge into one tier
+        # Dense store [B, H_kv, capacity, d] (storage dtype): the prefill residual, then decoded
+        # tokens; slots from ``n_dense`` on are free. Positions are int32, -1 in free slots.
+        self.dense_keys: Tensor | None = None
+        self.dense_values: Tensor | None = None
+        self.dense_positions: Tensor | None = None
+        self.n_dense = 0
+        self.n_residual = 0  # prefill residual tokens at the front of the dense store (never flushed)
         self.seen_tokens = 0  # sequence length processed so far (padding included)
         self.next_position: Tensor | None = None  # int64 [B], original position of the next token
-        self.key_positions: Tensor | None = None  # int64 [B, H_kv, n] of what update() last returned
+        self.pending_queries = 0  # tokens appended by update() that attend() has not served yet
+        self._dense_padded = False
+        self._tier_padding: list[Tensor | None] = []
 
     # -- filled by prefill ---------------------------------------------------------------------
     def store_prefill(self, compressed: CompressedLayer, n_prompt: int, next_position: Tensor) -> None:
@@ -55,7 +68,11 @@ class CompressedKVLayer(CacheLayerMixin):
         )
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Append decoded tokens ``[B, H_kv, q, d]``; return dense K/V of every stored token."""
+        """Store decoded tokens ``[B, H_kv, q, d]``; :meth:`attend` then serves their queries.
+
+        Returns the new keys/values themselves: attention over the stored tokens is computed by
+        :meth:`attend` from the packed tiers, never from a dense copy handed back here.
+        """
         if self.compressed is None or self.next_position is None:
             self.lazy_initialization(key_states, value_states)
         assert self.compressed is not None and self.next_position is not None
@@ -66,53 +83,154 @@ class CompressedKVLayer(CacheLayerMixin):
                 f"decode keys of shape {tuple(key_states.shape)} do not match this cache's "
                 f"[batch={ref.shape[0]}, kv_heads={ref.shape[1]}, head_dim={ref.shape[3]}]: cache and model differ"
             )
+        if self.dense_keys is None:
+            self._open_dense_store()
+        # Flush before appending: every quantised token then lies strictly before the new queries,
+        # so the tiers need no causal mask.
+        self._flush(incoming=q)
         new_pos = self.next_position[:, None] + torch.arange(q, device=key_states.device)[None, :]
-        new_pos = new_pos.to(torch.int32)[:, None, :].expand(b, h_kv, q)
-        self._append_buffer(key_states.to(ref.dtype), value_states.to(ref.dtype), new_pos)
+        self._append_dense(key_states, value_states, new_pos.to(torch.int32)[:, None, :].expand(b, h_kv, q))
         self.next_position = self.next_position + q
         self.seen_tokens += q
-        return self._dense(key_states.dtype)
+        self.pending_queries = q
+        return key_states, value_states
 
-    def _append_buffer(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        if self.buffer_keys is None:
-            self.buffer_keys, self.buffer_values, self.buffer_positions = keys, values, positions.contiguous()
-        else:
-            assert self.buffer_values is not None and self.buffer_positions is not None
-            self.buffer_keys = torch.cat([self.buffer_keys, keys], dim=-2)
-            self.buffer_values = torch.cat([self.buffer_values, values], dim=-2)
-            self.buffer_positions = torch.cat([self.buffer_positions, positions], dim=-1)
-        q = self.quantizer
-        if q is None:
-            return
-        while self.buffer_keys.shape[-2] > q.residual_length + q.flush_tokens - 1 and q.flush_tokens > 0:
-            n = q.flush_tokens
-            self.flushed.append(
-                q.quantize_block(self.buffer_keys[..., :n, :], self.buffer_values[..., :n, :], self.buffer_positions[..., :n])
-            )
-            self.buffer_keys = self.buffer_keys[..., n:, :].contiguous()
-            self.buffer_values = self.buffer_values[..., n:, :].contiguous()  # type: ignore[index]
-            self.buffer_positions = self.buffer_positions[..., n:].contiguous()  # type: ignore[index]
-
-    def _dense(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Dequantise tiers and concatenate with the full-precision parts (token order is irrelevant
-        to attention: RoPE is already in the keys and the mask uses ``key_positions``)."""
+    def _open_dense_store(self) -> None:
+        """Move the prefill residual into a dense store with room for decoded tokens."""
         assert self.compressed is not None
-        keys, values, positions = [], [], []
-        for tier in [*self.compressed.tiers, *self.flushed]:
-            assert self.quantizer is not None
-            keys.append(self.quantizer.dequantize(tier.keys, dtype))
-            values.append(self.quantizer.dequantize(tier.values, dtype))
-            positions.append(tier.positions)
-        keys.append(self.compressed.residual_keys.to(dtype))
-        values.append(self.compressed.residual_values.to(dtype))
-        positions.append(self.compressed.residual_positions)
-        if self.buffer_keys is not None:
-            assert self.buffer_values is not None and self.buffer_positions is not None
-            keys.append(self.buffer_keys.to(dtype))
-            values.append(self.buffer_values.to(dtype))
-            positions.append(self.buffer_positions)
-        self.key_positions = torch.cat(positions, dim=-1).to(torch.int64)
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        c = self.compressed
+        n = c.residual_keys.shape[-2]
+        self.dense_keys, self.dense_values, self.dense_positions = _with_room(
+            c.residual_keys, c.residual_values, c.residual_positions, n + DENSE_GROWTH_TOKENS
+        )
+        self.n_dense = self.n_residual = n
+        # The stored parts are views now, so nothing is held twice.
+        self.compressed = dataclasses.replace(
+            c,
+            residual_keys=self.dense_keys[..., :n, :],
+            residual_values=self.dense_values[..., :n, :],
+            residual_positions=self.dense_positions[..., :n],
+        )
+        # One host sync per layer and generation: which parts hold padding slots at all.
+        self._dense_padded = bool((c.residual_positions < 0).any())
+        self._tier_padding = [_padding_of(t.positions) for t in c.tiers]
+
+    def _append_dense(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
+        q = keys.shape[-2]
+        if self.n_dense + q > self.dense_keys.shape[-2]:
+            self.dense_keys, self.dense_values, self.dense_positions = _with_room(
+                self.dense_keys[..., : self.n_dense, :],
+                self.dense_values[..., : self.n_dense, :],
+                self.dense_positions[..., : self.n_dense],
+                self.n_dense + q + DENSE_GROWTH_TOKENS,
+            )
+            self._refresh_residual_views()
+        end = self.n_dense + q
+        self.dense_keys[..., self.n_dense : end, :] = keys
+        self.dense_values[..., self.n_dense : end, :] = values
+        self.dense_positions[..., self.n_dense : end] = positions
+        self.n_dense = end
+
+    def _flush(self, incoming: int) -> None:
+        """Quantise the oldest decoded tokens while the buffer would outgrow ``R + flush - 1``."""
+        q = self.quantizer
+        if q is None or q.flush_tokens <= 0:
+            return
+        assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
+        n, start = q.flush_tokens, self.n_residual
+        while self.n_dense - start + incoming > q.residual_length + n - 1 and self.n_dense - start >= n:
+            block = slice(start, start + n)
+            tier = q.quantize_block(
+                self.dense_keys[..., block, :], self.dense_values[..., block, :], self.dense_positions[..., block]
+            )
+            self._add_flushed(tier)
+            rest = slice(start + n, self.n_dense)
+            kept = self.n_dense - start - n
+            # Shift the remaining decoded tokens to the front of the buffer (at most R of them).
+            for store in (self.dense_keys, self.dense_values):
+                store[..., start : start + kept, :] = store[..., rest, :].clone()
+            self.dense_positions[..., start : start + kept] = self.dense_positions[..., rest].clone()
+            self.dense_positions[..., start + kept : self.n_dense] = PADDING_POSITION
+            self.n_dense -= n
+
+    def _add_flushed(self, tier: KVTier) -> None:
+        if self.flushed and _can_extend(self.flushed[-1], tier):
+            self.flushed[-1] = _concat_tiers(self.flushed[-1], tier)
+        else:
+            self.flushed.append(tier)
+            self._tier_padding.append(None)  # decoded tokens are never padding
+
+    def _refresh_residual_views(self) -> None:
+        assert self.compressed is not None and self.dense_keys is not None
+        assert self.dense_values is not None and self.dense_positions is not None
+        n = self.n_residual
+        self.compressed = dataclasses.replace(
+            self.compressed,
+            residual_keys=self.dense_keys[..., :n, :],
+            residual_values=self.dense_values[..., :n, :],
+            residual_positions=self.dense_positions[..., :n],
+        )
+
+    # -- decode attention ----------------------------------------------------------------------
+    def attend(self, query: Tensor, scaling: float) -> Tensor:
+        """Attention of the ``q`` queries just stored by :meth:`update` over every stored token.
+
+        Args:
+            query: ``[B, H, q, d]`` post-RoPE; the queries sit at positions
+                ``next_position - q ... next_position - 1``.
+            scaling: the softmax scale (``1 / sqrt(d)`` for LLaMA).
+
+        Returns:
+            ``[B, q, H, d]`` in the query's dtype.
+        """
+        assert self.compressed is not None and self.next_position is not None
+        assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
+        b, h, q, d = query.shape
+        h_kv = self.dense_keys.shape[1]
+        groups = h // h_kv
+        # The query heads of one KV head become rows ([B, H_kv, groups * q, d]): every stored key
+        # and value is read once per KV head, never copied per query head.
+        rows = query.to(torch.float32).reshape(b, h_kv, groups * q, d) * scaling
+        dense = attend_dense(
+            rows,
+            self.dense_keys[..., : self.n_dense, :],
+            self.dense_values[..., : self.n_dense, :],
+            self._dense_mask(q, groups),
+        )
+        tiers = [*self.compressed.tiers, *self.flushed]
+        # The dense part holds the queries' own tokens, so it is never empty for any row.
+        out = merge_into_nonempty(self._attend_tiers(rows, tiers), dense) if tiers else dense[0]
+        self.pending_queries = 0
+        out = out.to(query.dtype)
+        return out.reshape(b, h, q, d).transpose(1, 2).contiguous()
+
+    def _attend_tiers(self, rows: Tensor, tiers: list[KVTier]) -> tuple[Tensor, Tensor]:
+        padding = self._tier_padding if any(p is not None for p in self._tier_padding) else None
+        if isinstance(self.quantizer, TierAttention):
+            return self.quantizer.attend(rows, tiers, padding)
+        # A quantizer without packed attention: dequantise one tier at a time (still no full copy).
+        assert self.quantizer is not None
+        parts = []
+        for i, tier in enumerate(tiers):
+            mask = None if padding is None or padding[i] is None else ~padding[i]
+            keys = self.quantizer.dequantize(tier.keys, torch.float32)
+            values = self.quantizer.dequantize(tier.values, torch.float32)
+            parts.append(attend_dense(rows, keys, values, mask))
+        out = merge_parts(parts)
+        lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+        return out, lse
+
+    def _dense_mask(self, q: int, groups: int) -> Tensor | None:
+        """``[B, H_kv, groups * q, n_dense]`` bool, or ``None`` when every stored token is visible
+        (one query and no padding: all stored positions precede or equal the query's)."""
+        if q == 1 and not self._dense_padded:
+            return None
+        assert self.dense_positions is not None and self.next_position is not None
+        stored = self.dense_positions[..., : self.n_dense].unsqueeze(2)  # [B, H_kv, 1, n]
+        query_pos = self.next_position[:, None] - q + torch.arange(q, device=stored.device)[None, :]  # [B, q]
+        mask = (stored >= 0) & (stored <= query_pos[:, None, :, None])  # [B, H_kv, q, n]
+        return mask.repeat(1, 1, groups, 1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.n_stored + query_length, 0
@@ -132,20 +250,78 @@ class CompressedKVLayer(CacheLayerMixin):
     # -- accounting ----------------------------------------------------------------------------
     @property
     def n_stored(self) -> int:
-        """Tokens stored per KV head (prefill tiers, residual, flushed tiers, decode buffer)."""
-        n = self.compressed.n_tokens if self.compressed is not None else 0
-        n += sum(t.n_tokens for t in self.flushed)
-        return n + (self.buffer_positions.shape[-1] if self.buffer_positions is not None else 0)
+        """Tokens stored per KV head (prefill tiers, residual, flushed tiers, decoded tokens)."""
+        if self.compressed is None:
+            return 0
+        n = sum(t.n_tokens for t in [*self.compressed.tiers, *self.flushed])
+        return n + (self.n_dense if self.dense_keys is not None else self.compressed.residual_positions.shape[-1])
+
+    def stored_tensors(self) -> list[Tensor]:
+        """Every tensor this layer holds (the dense store whole, free slots included)."""
+        if self.compressed is None:
+            return []
+        held = [t for tier in [*self.compressed.tiers, *self.flushed] for t in _tier_tensors(tier)]
+        if self.dense_keys is None:
+            c = self.compressed
+            return [*held, c.residual_keys, c.residual_values, c.residual_positions]
+        assert self.dense_values is not None and self.dense_positions is not None
+        return [*held, self.dense_keys, self.dense_values, self.dense_positions]
 
     @property
     def kv_bytes(self) -> int:
         """Real bytes of every stored tensor of this layer."""
-        total = self.compressed.kv_bytes if self.compressed is not None else 0
-        total += sum(t.nbytes for t in self.flushed)
-        if self.buffer_keys is not None:
-            assert self.buffer_values is not None and self.buffer_positions is not None
-            total += tensor_bytes(self.buffer_keys, self.buffer_values, self.buffer_positions)
-        return total
+        return tensor_bytes(*self.stored_tensors())
+
+
+def _tier_tensors(tier: KVTier) -> tuple[Tensor, ...]:
+    k, v = tier.keys, tier.values
+    return (tier.positions, k.packed, k.scale, k.zero, v.packed, v.scale, v.zero)
+
+
+def _with_room(keys: Tensor, values: Tensor, positions: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Copies of ``keys/values [B, H_kv, n, d]`` and ``positions [B, H_kv, n]`` with ``capacity`` slots."""
+    b, h, n, d = keys.shape
+    new_keys = keys.new_empty(b, h, capacity, d)
+    new_values = values.new_empty(b, h, capacity, d)
+    new_positions = positions.new_full((b, h, capacity), PADDING_POSITION)
+    new_keys[..., :n, :] = keys
+    new_values[..., :n, :] = values
+    new_positions[..., :n] = positions
+    return new_keys, new_values, new_positions
+
+
+def _padding_of(positions: Tensor) -> Tensor | None:
+    """``[B, H_kv, 1, n]`` bool marking padding slots, or ``None`` if there are none."""
+    padding = (positions < 0).unsqueeze(2)
+    return padding if bool(padding.any()) else None
+
+
+def _can_extend(tier: KVTier, new: KVTier) -> bool:
+    """Whether ``new`` can be appended to ``tier`` keeping one regular layout (per-channel key
+    groups must stay aligned: the earlier tier must end on a group boundary)."""
+    k = tier.keys
+    same = (tier.bits, k.group_size, k.axis, tier.values.axis) == (new.bits, new.keys.group_size, new.keys.axis, new.values.axis)
+    return same and (k.axis == "token" or tier.n_tokens % k.group_size == 0)
+
+
+def _concat_tiers(a: KVTier, b: KVTier) -> KVTier:
+    return KVTier(
+        bits=a.bits,
+        positions=torch.cat([a.positions, b.positions], dim=-1),
+        keys=_concat_quantized(a.keys, b.keys),
+        values=_concat_quantized(a.values, b.values),
+    )
+
+
+def _concat_quantized(a: QuantizedTensor, b: QuantizedTensor) -> QuantizedTensor:
+    """Tokens of ``b`` after those of ``a`` (statistics are along dim 2 in both layouts)."""
+    return dataclasses.replace(
+        a,
+        packed=torch.cat([a.packed, b.packed], dim=2),
+        scale=torch.cat([a.scale, b.scale], dim=2),
+        zero=torch.cat([a.zero, b.zero], dim=2),
+        shape=(a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]),
+    )
 
 
 class CompressedKVCache(Cache):
@@ -153,8 +329,8 @@ class CompressedKVCache(Cache):
 
     Args:
         num_layers: decoder layers of the model.
-        quantizer: used to dequantise tiers and to quantise overflowing decode tokens
-            (``None``: everything stays full precision).
+        quantizer: used to attend to (or dequantise) tiers and to quantise overflowing decode
+            tokens (``None``: everything stays full precision).
         window_token_idx: optional token indices ``[W]`` of the prompt window (the question), shared
             by the batch; ``None`` means the last ``window_size`` prompt tokens.
     """

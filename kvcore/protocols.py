@@ -6,6 +6,7 @@ inherit, so a third-party plugin needs nothing from kvcomp but these signatures.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -65,6 +66,33 @@ class Quantizer(Protocol):
 
     def dequantize(self, tensor: QuantizedTensor, dtype: torch.dtype) -> Tensor:
         """Unpack and dequantise to a dense ``[B, H_kv, n, d]`` tensor of ``dtype``."""
+        ...
+
+
+@runtime_checkable
+class TierAttention(Protocol):
+    """Optional quantizer capability: decode attention read straight from packed tiers.
+
+    A quantizer that has it lets the decode path skip building a dense dequantised copy of its
+    tiers at every step; one without it still works (its tiers are dequantised, one part at a
+    time, through :meth:`Quantizer.dequantize`).
+    """
+
+    def attend(
+        self, rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Attention of query ``rows [B, H_kv, r, d]`` over every token of ``tiers``.
+
+        Args:
+            rows: float32, already multiplied by the softmax scale; the query heads of one KV head
+                are folded into the rows.
+            tiers: quantised tiers of one layer (all strictly before the queries: no causal mask).
+            padding: per tier, bool ``[B, H_kv, 1, n]`` (True = padding slot, never attended) or ``None``.
+
+        Returns:
+            the softmax-normalised output ``[B, H_kv, r, d]`` and the log-sum-exp ``[B, H_kv, r]`` of
+            the logits (``-inf`` where a row attended nothing), both float32.
+        """
         ...
 
 

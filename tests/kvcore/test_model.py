@@ -111,18 +111,22 @@ def _stored_tensors(cache: CompressedKVCache):
     for i in range(len(cache.layers)):
         layer = cache.layer(i)
         c = layer.compressed
-        yield from (c.residual_keys, c.residual_values, c.residual_positions)
+        if layer.dense_keys is None:
+            yield from (c.residual_keys, c.residual_values, c.residual_positions)
+        else:  # decoding moved the residual into the dense store (views, not copies)
+            assert c.residual_keys.untyped_storage().data_ptr() == layer.dense_keys.untyped_storage().data_ptr()
+            yield from (layer.dense_keys, layer.dense_values, layer.dense_positions)
         for tier in [*c.tiers, *layer.flushed]:
             yield from (tier.positions, tier.keys.packed, tier.keys.scale, tier.keys.zero)
             yield from (tier.values.packed, tier.values.scale, tier.values.zero)
-        if layer.buffer_keys is not None:
-            yield from (layer.buffer_keys, layer.buffer_values, layer.buffer_positions)
 
 
 @torch.no_grad()
-def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_pair):
+@pytest.mark.parametrize("group_size, flushed_tiers", [(4, 1), (32, 3)])
+def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_pair, group_size, flushed_tiers):
     ours, _ = model_pair
-    ours.set_compression(_config("default", **{"quantizer.residual_length": 8, "quantizer.flush_tokens": 4}))
+    overrides = {"quantizer.residual_length": 8, "quantizer.flush_tokens": 4, "quantizer.group_size": group_size}
+    ours.set_compression(_config("default", **overrides))
     out = ours(input_ids=_ids(150))
     cache = out.cache
     token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -130,7 +134,10 @@ def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_
         out = ours(input_ids=token, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     assert cache.get_seq_length() == 170
-    assert all(len(cache.layer(i).flushed) >= 3 for i in range(4)), "generated tokens past R were quantised"
+    flushed = [sum(t.n_tokens for t in cache.layer(i).flushed) for i in range(4)]
+    assert flushed == [12] * 4, "generated tokens past R + flush - 1 were quantised, 4 at a time"
+    # Flushes aligned with the per-channel key groups extend one tier; unaligned ones stay apart.
+    assert all(len(cache.layer(i).flushed) == flushed_tiers for i in range(4))
     assert cache.kv_bytes == sum(tensor_bytes(t) for t in _stored_tensors(cache))
     assert cache.kv_bytes < cache.kv_bytes_fp16_full()
     ours.set_compression(CompressionConfig())

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from kvcore.types import QuantizedTensor
-from kvcomp_plugins.quantizers import packing
+from kvcore.types import KVTier, QuantizedTensor
+from kvcomp_plugins.quantizers import attend, packing
 from kvcomp_plugins.quantizers.packing import Axis
 
 Backend = Literal["auto", "torch", "triton"]
@@ -67,3 +68,13 @@ def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis, backend: Ba
 def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend = "auto") -> Tensor:
     """Dense ``[B, H_kv, n, d]`` of ``dtype`` from ``q`` with the selected backend."""
     return select_backend(backend, q.packed.device).unpack_dequantize(q, dtype)
+
+
+def attend_tiers(
+    rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None, backend: Backend = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Decode attention over packed ``tiers`` (see :func:`.attend.attend_tiers`) with the selected backend."""
+    module = select_backend(backend, rows.device)
+    if module is packing:  # the torch reference lives in its own module
+        return attend.attend_tiers(rows, tiers, padding)
+    return module.attend_tiers(rows, tiers, padding)

@@ -9,6 +9,7 @@ channels that per-token groups smear over the whole group; values are always per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -169,6 +170,12 @@ class MixedPrecisionQuantizer:
     def dequantize(self, tensor: QuantizedTensor, dtype: torch.dtype) -> Tensor:
         """Unpack and dequantise to a dense ``[B, H_kv, n, d]`` tensor of ``dtype``."""
         return backends.unpack_dequantize(tensor, dtype, self.config.backend)
+
+    def attend(
+        self, rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Decode attention straight from the packed ``tiers`` (:class:`kvcore.protocols.TierAttention`)."""
+        return backends.attend_tiers(rows, tiers, padding, self.config.backend)
 
     def _quantize_tier(self, keys: Tensor, values: Tensor, positions: Tensor, bits: int) -> KVTier:
         """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""

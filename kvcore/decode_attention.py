@@ -1,0 +1,69 @@
+"""Decode attention in parts: each part returns its output and log-sum-exp, and the parts merge.
+
+A compressed layer is read in parts that are never concatenated into one dense tensor: the
+quantised tiers (attended straight from their packed codes by the quantizer, see
+:class:`~kvcore.protocols.TierAttention`) and the full-precision part (prefill residual plus the
+decode buffer, attended here). Each part ``p`` yields its softmax-normalised output ``o_p`` and
+the log-sum-exp ``lse_p`` of its logits; the exact attention over the union is then
+
+    out = sum_p exp(lse_p - m) * o_p / sum_p exp(lse_p - m),   m = max_p lse_p
+
+(the flash-decoding merge). Rows are the query heads of one KV head folded together
+(``[B, H_kv, g * q, d]``), so no key or value is ever repeated per query head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the last dim and its log-sum-exp, ``0`` / ``-inf`` for rows with no finite logit.
+
+    Args:
+        logits: float32 ``[..., n]``, ``-inf`` where a key is masked.
+
+    Returns:
+        probabilities ``[..., n]`` and log-sum-exp ``[...]``.
+    """
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    # A fully masked row has lse = -inf; subtracting 0 instead gives exp(-inf) = 0, not NaN.
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse))
+    return probs, lse.squeeze(-1)
+
+
+def attend_dense(rows: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Attention of ``rows [B, H_kv, r, d]`` (already scaled) over dense ``keys/values [B, H_kv, n, d]``.
+
+    ``mask`` is bool, broadcastable to ``[B, H_kv, r, n]`` (True = may attend), or ``None``.
+    Returns the output ``[B, H_kv, r, d]`` and log-sum-exp ``[B, H_kv, r]``, both float32.
+    """
+    logits = torch.matmul(rows, keys.to(torch.float32).transpose(-1, -2))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs, lse = safe_softmax(logits)
+    return torch.matmul(probs, values.to(torch.float32)), lse
+
+
+def merge_parts(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """Exact attention output from per-part ``(output [..., r, d], lse [..., r])`` pairs."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # [P, ..., r]
+    top = lse.amax(dim=0)
+    top = torch.where(torch.isinf(top), 0.0, top)  # rows with no key anywhere stay 0, not NaN
+    weights = torch.exp(lse - top)  # [P, ..., r]
+    out = sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
+    total = weights.sum(dim=0).unsqueeze(-1)
+    return out / torch.where(total > 0, total, 1.0)
+
+
+def merge_into_nonempty(part: tuple[Tensor, Tensor], nonempty: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`merge_parts` of two parts when the second attends at least one key in every row
+    (the decode buffer always holds the query's own token): ``sigmoid(lse_1 - lse_2)`` is part 1's
+    share of the softmax mass, ``0`` where part 1 saw nothing, so three ops suffice."""
+    share = torch.sigmoid(part[1] - nonempty[1]).unsqueeze(-1)
+    return torch.lerp(nonempty[0], part[0], share)
