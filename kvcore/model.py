@@ -217,7 +217,11 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
             if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
                 raise ValueError(f"prompt window indices must be within [0, {n}), got {idx.tolist()[:8]}...")
             mask[:, idx] = True
-            mask[:, -1] = True  # the last token produces the next-token logits: it must reach the top
+            # Everything after the question too: the answer prefix or a chat template's assistant
+            # header scores nothing (window attention is causal, they come last) yet is what the
+            # next token reads first; unprotected, propagation would drop it. The last token
+            # produces the next-token logits: it must reach the top in any case.
+            mask[:, int(idx.max()) + 1 :] = True
         return mask
 
 

@@ -192,3 +192,16 @@ def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_any_work(m
     with pytest.raises(ValueError, match="64"):
         ours.set_compression(_config("default", **{"quantizer.group_size": 64}))
     assert ours.compressor is None
+
+
+@torch.no_grad()
+def test_tokens_after_the_question_always_continue_through_propagation(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("propagate-only", **PROPAGATE))
+    n, question = 200, torch.arange(120, 140)  # the question sits before a 60-token tail
+    cache = ours.new_cache(question)
+    ours(input_ids=_ids(n), cache=cache)
+    last = cache.layer(3).compressed.residual_positions[0, 0].tolist()
+    assert len(last) == 4 + (n - 120), "thinned to the sinks, the question and its tail"
+    assert set(range(120, n)) <= set(last), "the question and everything after it reach the last layer"
+    ours.set_compression(CompressionConfig())
