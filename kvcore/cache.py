@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcore.accounting import kv_bytes_fp16
 from kvcore.protocols import Quantizer
 from kvcore.types import CompressedLayer, KVTier, tensor_bytes
 
@@ -185,7 +186,7 @@ class CompressedKVCache(Cache):
         if first is None:
             return 0
         b, h_kv, _, d = first.residual_keys.shape
-        return 2 * len(self.layers) * b * h_kv * self.get_seq_length() * d * 2
+        return kv_bytes_fp16(layers=len(self.layers), batch=b, kv_heads=h_kv, tokens=self.get_seq_length(), head_dim=d)
 
     def tokens_kept_per_layer(self) -> list[int]:
         """Tokens stored per KV head in each layer."""
