@@ -8,6 +8,8 @@ The old shared group ``kvcomp.plugins`` still works, with a deprecation warning.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,3 +116,20 @@ def test_the_old_group_and_hook_signature_still_work_with_a_deprecation_warning(
 def test_the_doc_example_declares_the_components_group() -> None:
     assert '[project.entry-points."kvcomp.components"]' in doc_files()["pyproject.toml"]
     assert "def register_commands(add_command" in doc_files()[f"{FAKE_MODULE}.py"]
+
+
+def test_building_the_registry_imports_no_evaluation_code(tmp_path: Path) -> None:
+    script = """
+import json, sys
+for name in [m for m in sys.modules if m.split(".")[0] in ("kvcomp_eval", "kvcomp_lm_eval")]:
+    del sys.modules[name]
+from kvcore.registry import get_registry
+names = [s.name for s in get_registry().specs()]
+print(json.dumps({"components": names, "eval": sorted(m for m in sys.modules if m.split(".")[0] == "kvcomp_eval")}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "KVCOMP_PLUGINS"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "prompt_guided" in result["components"]
+    assert result["eval"] == []
