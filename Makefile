@@ -38,7 +38,7 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-## The peers' environment for side-by-side runs (bench/peers, integrations/kvcomp_eval/peers.py):
+## The peers' environment for side-by-side runs (bench/peers, integrations/kvcomp_eval/peers/):
 ## kvpress 0.5.5 pins transformers<5.3 and pandas<3, so it gets its own venv. CPU torch first, as above.
 peers-venv:
 	test -x .venv-peers/bin/python || python3 -m venv .venv-peers

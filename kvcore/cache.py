@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcore.accounting import kv_bytes_fp16
 from kvcore.decode_attention import attend_dense, merge_into_nonempty, merge_parts
 from kvcore.protocols import Quantizer, TierAttention
 from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
@@ -361,7 +362,7 @@ class CompressedKVCache(Cache):
         if first is None:
             return 0
         b, h_kv, _, d = first.residual_keys.shape
-        return 2 * len(self.layers) * b * h_kv * self.get_seq_length() * d * 2
+        return kv_bytes_fp16(layers=len(self.layers), batch=b, kv_heads=h_kv, tokens=self.get_seq_length(), head_dim=d)
 
     def tokens_kept_per_layer(self) -> list[int]:
         """Tokens stored per KV head in each layer."""

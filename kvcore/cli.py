@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from kvcore.config import CompressionConfig, ConfigError, load_config, preset_names
-from kvcore.plugins import PluginLoadError, get_plugin_manager
+from kvcore.plugins import LegacyEntryPointWarning, PluginLoadError, create_command_plugin_manager
 from kvcore.registry import ComponentError, get_registry
 
 Handler = Callable[[argparse.Namespace], int]
@@ -209,24 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plugin_commands(sub: Any, add_command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Call every plugin's ``register_commands``; a command name taken twice names both owners."""
-    pm = get_plugin_manager()
+    """Call every plugin's ``register_commands``; a command name taken twice names both owners.
+
+    Command plugins that fail to import are left out with a warning (see :mod:`kvcore.plugins`),
+    so the kernel's own commands and the other plugins' keep working.
+    """
+    pm = create_command_plugin_manager()
     owners = {name: "kvcomp itself" for name in sub.choices}
     for impl in pm.hook.register_commands.get_hookimpls():
         info = pm.info(impl.plugin_name)
         owner = f"plugin {info.name!r} from distribution {info.distribution!r} ({info.module})"
 
         def plugin_add_command(
-            name: str, help: str, handler: Handler, parent: Any = sub, _owner: str = owner
+            name: str, help: str, handler: Handler, parent: Any = None, _owner: str = owner
         ) -> argparse.ArgumentParser:
+            parent = sub if parent is None else parent
             if parent is sub:
                 if name in owners:
                     raise PluginLoadError(f"{_owner} adds the command {name!r}, which {owners[name]} already has")
                 owners[name] = _owner
             return add_command(name, help, handler, parent)
 
-        kwargs = {"subparsers": sub, "add_command": plugin_add_command}
-        impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        plugin_add_command.subparsers = sub  # type: ignore[attr-defined]  # for deprecated implementations only
+        impl.function(add_command=plugin_add_command)
 
 
 def _positive_int(text: str) -> int:
@@ -245,6 +251,8 @@ def _print_table(columns: list[str], rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Plugin authors must hear of the deprecated entry-point group from the CLI their users run.
+    warnings.simplefilter("default", LegacyEntryPointWarning)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -17,8 +17,10 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from kvcore.cache import CompressedKVCache
+from kvcore.accounting import kv_bytes_fp16_for_model
 from kvcore.config import CompressionConfig, load_config
 from kvcore.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from kvcore.text import encode_prompt, encode_prompt_with_offsets, tokens_in_char_span, truncate_middle_ids
 from kvcore.types import GenerationResult, tensor_bytes
 from kvcore.weights import quantize_linear_weights
 
@@ -86,13 +88,13 @@ class KVCompPipeline:
             start, end = question_span
             if not (0 <= start < end <= len(prompt)):
                 raise ValueError(f"question_span {question_span} is not a character range inside the {len(prompt)}-character prompt")
-        enc = self.tokenizer(prompt, return_offsets_mapping=question_span is not None)
-        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         window = None
-        if question_span is not None:
-            offsets = enc["offset_mapping"]
-            start, end = question_span
-            window = torch.tensor([i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a], dtype=torch.long)
+        if question_span is None:
+            ids = torch.tensor(encode_prompt(self.tokenizer, prompt), dtype=torch.long)
+        else:
+            token_ids, offsets = encode_prompt_with_offsets(self.tokenizer, prompt)
+            ids = torch.tensor(token_ids, dtype=torch.long)
+            window = torch.tensor(tokens_in_char_span(offsets, question_span), dtype=torch.long)
         budget = self.max_prompt_tokens - max_new_tokens
         if budget < 1:
             raise ValueError(
@@ -104,7 +106,7 @@ class KVCompPipeline:
                     f"prompt has {ids.numel()} tokens; with {max_new_tokens} new tokens the model allows "
                     f"{budget}. Shorten it or use middle truncation (truncate='middle', --truncate middle)"
                 )
-            ids, window = _truncate_middle(ids, window, budget)
+            ids, window = truncate_middle_ids(ids, window, budget)
         if window is not None and window.numel() == 0:
             window = None
         return ids[None], window
@@ -156,7 +158,7 @@ class KVCompPipeline:
         n_decoded = len(generated) - 1
 
         n_prompt = input_ids.shape[1]
-        kv_fp16_full = _fp16_bytes(self.model.config, n_prompt + n_decoded)
+        kv_fp16_full = kv_bytes_fp16_for_model(self.model.config, n_prompt + n_decoded)
         if isinstance(cache, CompressedKVCache):
             kv_bytes, kept = cache.kv_bytes, cache.tokens_kept_per_layer()
         else:
@@ -208,18 +210,6 @@ class KVCompPipeline:
         return torch.log_softmax(torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]), dim=-1).cpu()
 
 
-def _truncate_middle(ids: Tensor, window: Tensor | None, budget: int) -> tuple[Tensor, Tensor | None]:
-    """Keep the first ``budget // 2`` and the last ``budget - budget // 2`` tokens (LongBench's rule)."""
-    head, tail = budget // 2, budget - budget // 2
-    n = ids.numel()
-    kept = torch.cat([ids[:head], ids[n - tail :]])
-    if window is not None:
-        in_head = window[window < head]
-        in_tail = window[window >= n - tail] - (n - tail) + head
-        window = torch.cat([in_head, in_tail])
-    return kept, window
-
-
 def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator: Any) -> Tensor:
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -240,11 +230,6 @@ def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
         elif isinstance(source, (list, tuple)):
             ids.update(int(x) for x in source)
     return ids
-
-
-def _fp16_bytes(config: Any, n_tokens: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * n_tokens * head_dim * 2
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Passkey retrieval for the peers (kvpress presses, ``QuantizedCache``) and kvcomp on the same prompts.
 
-Runs in kvcomp's environment: prompts come from :func:`kvcomp_eval.probes.build_probe` (the
+Runs in kvcomp's environment: prompts come from :func:`kvcomp_eval.data.probes.build_probe` (the
 repetitive grass/sky filler, chat template, answer prefix), the peers run in the peers'
-environment through :class:`kvcomp_eval.peers.PeerRunner`, kvcomp presets (optional) through
+environment through :class:`kvcomp_eval.peers.runner.PeerRunner`, kvcomp presets (optional) through
 :class:`kvcore.pipeline.KVCompPipeline`. Every row is appended to ``--out`` (JSON lines) as it
 finishes; a Markdown table (passkey accuracy per length, KV bytes relative to fp16) is printed
 at the end and can be rebuilt from the file with ``--table-only``.
@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kvcomp_eval.peers import PeerMethod, PeerPrompt, PeerRunner
-from kvcomp_eval.probes import Filler, ProbeExample, build_probe
+from kvcomp_eval.peers.methods import PeerMethod, PeerPrompt
+from kvcomp_eval.peers.runner import PeerRunner
+from kvcomp_eval.data.probes import Filler, ProbeExample, build_probe
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -110,7 +111,7 @@ def run_peers(args: argparse.Namespace, examples: dict[str, ProbeExample], out: 
 def run_kvcomp(args: argparse.Namespace, examples: dict[str, ProbeExample], out: Any) -> None:
     import torch
 
-    from kvcomp_eval.metrics_summary import generation_metrics
+    from kvcomp_eval.metrics.summary import generation_metrics
     from kvcore.pipeline import KVCompPipeline
 
     if args.threads:

@@ -3,7 +3,7 @@
 
 Runs inside the peers virtual environment (``make peers-venv`` builds ``.venv-peers``:
 kvpress 0.5.5 pins ``transformers<5.3``, so it cannot share kvcomp's environment). It imports
-nothing from kvcomp; ``integrations/kvcomp_eval/peers.py`` drives it in a subprocess.
+nothing from kvcomp; ``integrations/kvcomp_eval/peers/`` drives it in a subprocess.
 
 Protocol
 --------
@@ -264,7 +264,9 @@ def parse_job(text: str) -> Job:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenisation: the same rule as kvcomp (special tokens added only when the text lacks the BOS).
+# Tokenisation: the same rule as kvcomp's kvcore.text (special tokens added only when the text lacks
+# the BOS). A copy, since this file cannot import kvcomp: tests/integrations/test_peer_runner_copies.py
+# holds it, the span rule and fp16_full_bytes (kvcore.accounting) equal to the originals.
 # ----------------------------------------------------------------------------------------------
 def encode(tokenizer: Any, prompt: PromptSpec) -> tuple[list[int], int | None]:
     """Token ids of the prompt and the index of the question's first token (``None`` without a span)."""

@@ -1,4 +1,4 @@
-"""``kvcomp lm-eval-tasks``: write offline LongBench task YAMLs for lm-eval (a ``kvcomp.plugins`` plugin).
+"""``kvcomp lm-eval-tasks``: write offline LongBench task YAMLs for lm-eval (a ``kvcomp.commands`` plugin).
 
     kvcomp lm-eval-tasks --data-dir data/longbench --out lm_eval_tasks --task multi_news
 
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from kvcore.hookspecs import hookimpl
 
@@ -35,7 +35,7 @@ def cmd_lm_eval_tasks(args: argparse.Namespace) -> int:
 
 
 @hookimpl
-def register_commands(subparsers: argparse._SubParsersAction, add_command: Callable[..., Any]) -> None:
+def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add ``lm-eval-tasks``."""
     p = add_command(
         "lm-eval-tasks",

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from kvcore.cache import CompressedKVCache
 from kvcore.config import CompressionConfig
 from kvcore.pipeline import KVCompPipeline
+from kvcore.text import encode_prompt, truncate_middle_text
 from kvcomp_lm_eval.args import KVCompLMArgs, parse_model_args
 from kvcomp_lm_eval.autoregister import MODEL_NAME, register_with_lm_eval
 
@@ -251,12 +252,7 @@ class KVCompLM(LM):
             )
         if self.args.max_length is None or self.args.truncate != "middle":
             return context
-        ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
-            return context
-        head = budget // 2
-        decode = self.tokenizer.decode
-        return decode(ids[:head], skip_special_tokens=True) + decode(ids[len(ids) - (budget - head) :], skip_special_tokens=True)
+        return truncate_middle_text(self.tokenizer, context, budget)[0]
 
     def _question_span(self, doc: Any, prompt: str) -> tuple[int, int] | None:
         """Character span of the document's question inside ``prompt`` (its last occurrence), if any."""
@@ -313,8 +309,8 @@ class KVCompLM(LM):
         if not continuation:
             raise ValueError(f"{MODEL_NAME}: loglikelihood request with an empty continuation")
         if context:
-            ctx_ids = self.tokenizer(context)["input_ids"]
-            whole = self.tokenizer(context + continuation)["input_ids"]
+            ctx_ids = encode_prompt(self.tokenizer, context)
+            whole = encode_prompt(self.tokenizer, context + continuation)
             cont_ids = whole[len(ctx_ids) :] if whole[: len(ctx_ids)] == ctx_ids else []
             if not cont_ids:  # the tokeniser merged across the boundary: encode the parts apart
                 cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]

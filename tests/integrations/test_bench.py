@@ -15,14 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcomp_eval.bench import (
-    REFERENCE,
-    BenchSuite,
-    CompressionBenchmark,
-    config_hash,
-    read_results,
-    row_key,
-)
+from kvcomp_eval.runs.store import REFERENCE, config_hash, read_results, row_key
+from kvcomp_eval.runs.suite import BenchSuite
+from kvcomp_eval.runs.benchmark import CompressionBenchmark
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_eval.bench import REFERENCE, config_hash, read_results
-from kvcomp_eval.experiments import ABLATION_VARIANTS, derive_ablation_variants, match_fraction
+from kvcomp_eval.runs.store import REFERENCE, config_hash, read_results
+from kvcomp_eval.runs.experiments import ABLATION_VARIANTS, derive_ablation_variants, match_fraction
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_eval.fidelity import (
+from kvcomp_eval.metrics.fidelity import (
     FidelityMetrics,
     greedy_exact_match,
     next_token_kl,

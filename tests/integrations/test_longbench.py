@@ -15,21 +15,25 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvcomp_eval.longbench import (
+from kvcomp_eval.data.longbench import (
     DATASET2MAXLEN,
     DATASET2PROMPT,
     LONGBENCH_E_TASKS,
     LONGBENCH_TASKS,
     NO_CHAT_TEMPLATE_TASKS,
     LongBenchDataLoader,
-    LongBenchEvaluator,
     LongBenchExample,
     build_prompt,
     prepare_prompt,
-    summarize_scores_by_length,
 )
-from kvcomp_eval.protocols import TextGenerator
-from kvcomp_eval.tokenization import DataCollator, char_span_to_token_span, count_prompt_tokens, encode_prompt
+from kvcomp_eval.evaluators.longbench import LongBenchEvaluator, summarize_scores_by_length
+from kvcomp_eval.evaluators.base import TextGenerator
+from kvcomp_eval.data.tokenization import (
+    DataCollator,
+    char_span_to_token_span,
+    count_prompt_tokens,
+    encode_prompt,
+)
 from kvcore.types import GenerationResult
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_eval.metrics import (
+from kvcomp_eval.metrics.tasks import (
     METRICS,
     TASK_METRIC_NAMES,
     TASK_METRICS,
@@ -22,8 +22,8 @@ from kvcomp_eval.metrics import (
     rouge_l_score,
     score_prediction,
 )
-from kvcomp_eval.metrics_summary import CompressionMetrics, generation_metrics
-from kvcomp_eval.monitor import MemoryMonitor, PerformanceTimer
+from kvcomp_eval.metrics.summary import CompressionMetrics, generation_metrics
+from kvcomp_eval.metrics.monitor import MemoryMonitor, PerformanceTimer
 from kvcore.types import GenerationResult
 
 ENGLISH_TASKS = [

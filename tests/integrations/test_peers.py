@@ -21,23 +21,23 @@ from hypothesis import strategies as st
 from tiny_models import char_tokenizer, tiny_config
 from transformers import DynamicCache, LlamaForCausalLM
 
-from kvcomp_eval.fidelity import FidelityMetrics
-from kvcomp_eval.metrics_summary import CompressionMetrics, generation_metrics
-from kvcomp_eval.peers import (
+from kvcomp_eval.metrics.fidelity import FidelityMetrics
+from kvcomp_eval.metrics.summary import CompressionMetrics, generation_metrics
+from kvcomp_eval.peers.methods import (
     PEER_METHODS,
-    PeerGenerator,
     PeerJobError,
     PeerMethod,
     PeerPrompt,
-    PeerRunner,
     PeerRunnerError,
     PeersUnavailable,
-    parse_output,
     parse_peer_spec,
-    parse_row,
     peers_available,
 )
-from kvcomp_eval.bench import BenchSuite, CompressionBenchmark, peer_hash, read_results
+from kvcomp_eval.peers.runner import PeerGenerator, PeerRunner
+from kvcomp_eval.peers.protocol import parse_output, parse_row
+from kvcomp_eval.runs.suite import BenchSuite
+from kvcomp_eval.runs.benchmark import CompressionBenchmark
+from kvcomp_eval.runs.store import peer_hash, read_results
 from kvcore.config import CompressionConfig
 from kvcore.types import GenerationResult
 

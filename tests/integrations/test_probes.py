@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvcomp_eval.probes import PROBES, Filler, ProbeEvaluator, ProbeExample, build_probe, summarize_probe_rows
-from kvcomp_eval.tokenization import count_prompt_tokens
+from kvcomp_eval.data.probes import PROBES, Filler, ProbeExample, build_probe
+from kvcomp_eval.evaluators.probes import ProbeEvaluator, summarize_probe_rows
+from kvcomp_eval.data.tokenization import count_prompt_tokens
 from kvcore.types import GenerationResult
 
 HAYSTACK = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "haystack"

@@ -15,18 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_eval.tune import (
-    FidelityObjective,
-    SearchSpace,
-    TuneError,
-    TuneSettings,
-    build_prompts,
-    build_trial_config,
-    check_report_split,
-    compute_references,
-    open_storage,
-    tier_fractions,
-)
+from kvcomp_eval.tune.objective import FidelityObjective, build_prompts, compute_references
+from kvcomp_eval.tune.space import SearchSpace, build_trial_config, tier_fractions
+from kvcomp_eval.tune.settings import TuneError, TuneSettings
+from kvcomp_eval.tune.study import check_report_split, open_storage
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
 
@@ -45,7 +37,7 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer LLaMA (GQA 4/2 heads, head_dim 32) with a BPE tokenizer trained on probe text."""
-    from kvcomp_eval.probes import _DEFAULT_FILLER, _INTRO_FACT
+    from kvcomp_eval.data.probes import _DEFAULT_FILLER, _INTRO_FACT
 
     corpus = [*_DEFAULT_FILLER, _INTRO_FACT, "The pass key is 12345. Remember it. 67890 is the pass key.",
               "Question: What is the pass key?\nAnswer: The pass key is", "Summarize the news articles."]

@@ -37,18 +37,23 @@ def doc_files() -> dict[str, str]:
 
 
 def write_dist(
-    root: Path, name: str, version: str, entry_points: dict[str, str], modules: dict[str, str]
+    root: Path,
+    name: str,
+    version: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str],
+    group: str = ENTRY_POINT_GROUP,
 ) -> Path:
     """Write ``root/<name>-<version>.dist-info`` plus ``modules`` (``{module: source}``) into ``root``.
 
-    ``entry_points`` maps entry-point names in the ``kvcomp.plugins`` group to their object
-    references (``"module"`` or ``"module:attr"``). Returns the dist-info folder.
+    ``entry_points`` maps entry-point names in ``group`` (default: the components group) to their
+    object references (``"module"`` or ``"module:attr"``). Returns the dist-info folder.
     """
     root.mkdir(parents=True, exist_ok=True)
     dist_info = root / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
-    lines = [f"[{ENTRY_POINT_GROUP}]", *(f"{ep} = {ref}" for ep, ref in entry_points.items())]
+    lines = [f"[{group}]", *(f"{ep} = {ref}" for ep, ref in entry_points.items())]
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for module, source in modules.items():
         (root / f"{module}.py").write_text(source, encoding="utf-8")

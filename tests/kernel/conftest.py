@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvcore.hookspecs import ENTRY_POINT_GROUP
 from kvcore.plugins import PLUGINS_ENV
 from kvcore.registry import reset_registry
 
@@ -24,9 +25,17 @@ class SysPathDists:
     tmp_path: Path
     modules: set[str]
 
-    def add(self, folder: str, name: str, version: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+    def add(
+        self,
+        folder: str,
+        name: str,
+        version: str,
+        entry_points: dict[str, str],
+        modules: dict[str, str],
+        group: str = ENTRY_POINT_GROUP,
+    ) -> Path:
         root = self.tmp_path / folder
-        write_dist(root, name, version, entry_points, modules)
+        write_dist(root, name, version, entry_points, modules, group)
         self._activate(root, modules)
         return root
 

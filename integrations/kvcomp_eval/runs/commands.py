@@ -1,6 +1,6 @@
 """``kvcomp bench``, ``kvcomp bench report``, ``kvcomp run`` and ``kvcomp ablate``.
 
-Registered through the ``kvcomp.plugins`` entry point ``eval`` (hook ``register_commands``),
+Registered through the ``kvcomp.commands`` entry point ``eval`` (hook ``register_commands``),
 like any third-party command.
 """
 
@@ -34,7 +34,7 @@ class _ConfigSource(argparse.Action):
 
 def _csv(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
-        from kvcomp_eval.bench import parse_number_list
+        from kvcomp_eval.runs.suite import parse_number_list
 
         try:
             return parse_number_list(text, kind, what)
@@ -105,7 +105,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _suite_from_args(args: argparse.Namespace) -> Any:
-    from kvcomp_eval.bench import BenchSuite
+    from kvcomp_eval.runs.suite import BenchSuite
 
     if not args.suite:
         raise UsageError(f"--suite is required: {SUITE_HELP}")
@@ -153,8 +153,8 @@ def _finish(outcome: Any) -> int:
 
 # -- handlers ---------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvcomp_eval.bench import CompressionBenchmark
-    from kvcomp_eval.peers import PeersUnavailable, parse_peer_spec
+    from kvcomp_eval.peers.methods import PeersUnavailable, parse_peer_spec
+    from kvcomp_eval.runs.benchmark import CompressionBenchmark
 
     suite = _suite_from_args(args)
     peers = [parse_peer_spec(spec) for spec in args.peers or ()]  # a bad spec is a ValueError naming it
@@ -182,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
-    from kvcomp_eval.report import write_report
+    from kvcomp_eval.runs.report import write_report
 
     files = write_report(args.dir)
     print(files[0].read_text(encoding="utf-8").split("\nColumns:")[0].rstrip())
@@ -199,7 +199,7 @@ def _named_config(args: argparse.Namespace) -> tuple[str, CompressionConfig]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvcomp_eval.bench import CompressionBenchmark
+    from kvcomp_eval.runs.benchmark import CompressionBenchmark
 
     suite = _suite_from_args(args)
     name, config = _named_config(args)
@@ -208,8 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from kvcomp_eval.bench import REFERENCE, CompressionBenchmark
-    from kvcomp_eval.experiments import derive_ablation_variants
+    from kvcomp_eval.runs.benchmark import CompressionBenchmark
+    from kvcomp_eval.runs.experiments import derive_ablation_variants
+    from kvcomp_eval.runs.store import REFERENCE
 
     suite = _suite_from_args(args)
     base_name, base = _named_config(args)
@@ -244,7 +245,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 # -- registration -----------------------------------------------------------------------------------
 @hookimpl
-def register_commands(subparsers: argparse._SubParsersAction, add_command: Callable[..., Any]) -> None:
+def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add ``bench`` (with ``bench report``), ``run`` and ``ablate``."""
     p = add_command(
         "bench",

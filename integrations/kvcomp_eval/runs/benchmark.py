@@ -17,370 +17,51 @@ config's resolved contents (defaults filled in, description left out).
 
 Peers (kvpress presses, transformers' ``QuantizedCache``) run in the same benchmark as extra
 configs named ``peer:<label>``: one process of the peers' environment
-(:class:`~kvcomp_eval.peers.PeerGenerator`) gets the same prompt text and question span, and its
+(:class:`~kvcomp_eval.peers.runner.PeerGenerator`) gets the same prompt text and question span, and its
 teacher-forced KL is taken against the same ``full`` reference log-probs as kvcomp's configs.
+
+Why one module: :class:`CompressionBenchmark` is one object whose methods share the loaded
+pipelines, the peers' process and the suite's evaluator; its files go through
+:class:`~kvcomp_eval.runs.store.ResultsStore` and its report through :mod:`.report`, so what is
+left here is the loop itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 import os
-import platform
-import signal
 import statistics
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from kvcomp_eval.fidelity import greedy_exact_match, next_token_kl, output_rouge_l, prefix_agreement
-from kvcomp_eval.longbench import (
-    DATASET2MAXLEN,
-    LONGBENCH_E_TASKS,
-    LONGBENCH_TASKS,
-    LongBenchDataLoader,
-    LongBenchEvaluator,
-    LongBenchExample,
-    PreparedExample,
-)
-from kvcomp_eval.peers import PRESS_METHODS, PeerGenerator, PeerMethod, PeersUnavailable, peers_available
-from kvcomp_eval.probes import PROBES, ProbeEvaluator, ProbeExample, build_probe
-from kvcore.config import CompressionConfig, ConfigError, format_validation_error
+from kvcomp_eval.data.longbench import DATASET2MAXLEN, LongBenchDataLoader, LongBenchExample
+from kvcomp_eval.data.probes import build_probe
+from kvcomp_eval.evaluators.longbench import LongBenchEvaluator
+from kvcomp_eval.evaluators.probes import ProbeEvaluator
+from kvcomp_eval.metrics.fidelity import greedy_exact_match, next_token_kl, output_rouge_l, prefix_agreement
+from kvcomp_eval.peers.methods import PRESS_METHODS, PeerMethod, PeersUnavailable, peers_available
+from kvcomp_eval.peers.runner import PeerGenerator
+from kvcomp_eval.runs.report import write_report
+from kvcomp_eval.runs.store import REFERENCE, ResultsStore, config_hash, machine_info, peer_hash, row_key
+from kvcomp_eval.runs.suite import BenchExample, BenchSuite
+from kvcore.config import CompressionConfig, ConfigError
 from kvcore.loading import DEFAULT_MODEL
 from kvcore.types import GenerationResult
 
-__all__ = [
-    "REFERENCE",
-    "RESULTS_FILE",
-    "RUN_FILE",
-    "BenchSuite",
-    "BenchExample",
-    "CompressionBenchmark",
-    "config_hash",
-    "machine_info",
-    "peer_hash",
-    "read_results",
-    "row_key",
-]
-
-REFERENCE = "full"
-"""Name of the uncompressed reference config; reserved, always run first."""
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"
 DEFAULT_KL_STEPS = 8
 """Teacher-forced positions over which the KL to the reference is averaged."""
-DEFAULT_LENGTHS = (500, 1000)
-DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
-
-
-# -- the suite ------------------------------------------------------------------------------------
-class BenchSuite(BaseModel):
-    """What the benchmark runs: one synthetic probe, or LongBench tasks.
-
-    ``limit``/``offset`` pick examples (probes: of the whole sweep, ordered so that any prefix
-    covers every (length, depth) cell; LongBench: per task, after ``offset`` rows); they and
-    ``n_per_cell`` are not part of the suite's identity, so a later run may add examples.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    kind: str = Field(pattern="^(probe|longbench)$")
-    tasks: tuple[str, ...] = Field(min_length=1)
-    """The probe name (one) or the LongBench task names."""
-    lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    """Probe prompt lengths, tokens."""
-    depths: tuple[float, ...] = DEFAULT_DEPTHS
-    """Probe depths: fraction of the filler before the fact, in [0, 1]."""
-    n_per_cell: int | None = Field(default=None, ge=1)
-    """Probe examples per (length, depth); ``None``: enough for ``offset + limit``, else 1."""
-    seed: int = 0
-    haystack_dir: str | None = None
-    data_dir: str | None = None
-    """Folder of LongBench ``<task>.jsonl``; ``None`` reads the hub."""
-    longbench_e: bool = False
-    limit: int | None = Field(default=None, ge=1)
-    offset: int = Field(default=0, ge=0)
-    max_prompt_tokens: int | None = Field(default=None, ge=16)
-    """LongBench: prompts longer than this are cut in the middle (default: the model's limit)."""
-    min_prompt_tokens: int | None = Field(default=None, ge=1)
-    """LongBench: skip rows whose prompt (template applied, after any cut) is shorter; ``limit``
-    then counts the rows kept, from ``offset`` on. Like ``limit``, not part of the identity."""
-
-    @field_validator("lengths")
-    @classmethod
-    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(n < 1 for n in v):
-            raise ValueError(f"lengths must be positive token counts, got {list(v)}")
-        return v
-
-    @field_validator("depths")
-    @classmethod
-    def _unit(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(not (math.isfinite(d) and 0.0 <= d <= 1.0) for d in v):
-            raise ValueError(f"depths must lie in [0, 1], got {list(v)}")
-        return v
-
-    @model_validator(mode="after")
-    def _known(self) -> "BenchSuite":
-        if self.kind == "probe":
-            if len(self.tasks) != 1 or self.tasks[0] not in PROBES:
-                raise ValueError(f"a probe suite runs one probe of {', '.join(PROBES)}; got {list(self.tasks)}")
-        else:
-            unknown = [t for t in self.tasks if t not in LONGBENCH_TASKS]
-            if unknown:
-                raise ValueError(f"unknown LongBench task(s) {unknown}; known: {', '.join(LONGBENCH_TASKS)}")
-            if len(set(self.tasks)) != len(self.tasks):
-                raise ValueError(f"LongBench tasks repeat: {list(self.tasks)}")
-        if self.kind == "probe" and self.min_prompt_tokens is not None:
-            raise ValueError("min_prompt_tokens selects LongBench rows; probes take their lengths from --lengths")
-        if None not in (self.min_prompt_tokens, self.max_prompt_tokens) and self.min_prompt_tokens > self.max_prompt_tokens:  # type: ignore[operator]
-            raise ValueError(
-                f"min_prompt_tokens {self.min_prompt_tokens} exceeds max_prompt_tokens {self.max_prompt_tokens}: no row could be kept"
-            )
-        return self
-
-    @classmethod
-    def parse(cls, spec: str, **options: Any) -> "BenchSuite":
-        """``passkey`` | ``multi_needle`` | ``multi_value`` | ``variable_tracking`` |
-        ``longbench`` (the 13 LongBench-E tasks) | ``longbench:TASK[,TASK...]``, plus options."""
-        spec = spec.strip()
-        if spec in PROBES:
-            kind, tasks = "probe", (spec,)
-        elif spec == "longbench" or spec.startswith("longbench:"):
-            names = spec.partition(":")[2]
-            tasks = tuple(t.strip() for t in names.split(",") if t.strip()) if names else LONGBENCH_E_TASKS
-            if not tasks:
-                raise ValueError(f"suite {spec!r} names no LongBench task; e.g. longbench:qasper,hotpotqa")
-            kind = "longbench"
-        else:
-            raise ValueError(
-                f"unknown suite {spec!r}; suites: {', '.join(PROBES)}, longbench, longbench:TASK[,TASK...]"
-            )
-        data = {k: v for k, v in options.items() if v is not None}
-        for key in ("lengths", "depths"):
-            if key in data:
-                data[key] = tuple(data[key])
-        for key in ("haystack_dir", "data_dir"):
-            if key in data:  # absolute, so a rerun from another folder is recognised as the same run
-                data[key] = str(Path(data[key]).expanduser().absolute())
-        try:
-            return cls(kind=kind, tasks=tasks, **data)
-        except ValidationError as exc:
-            raise ValueError(f"suite {spec!r} is invalid:\n{format_validation_error(exc)}") from exc
-
-    @property
-    def label(self) -> str:
-        """``passkey`` or ``longbench:qasper,hotpotqa``: the suite column of every row."""
-        return self.tasks[0] if self.kind == "probe" else "longbench:" + ",".join(self.tasks)
-
-    def identity(self) -> dict[str, Any]:
-        """What defines an example's content; a run folder holds rows of one identity only."""
-        if self.kind == "probe":
-            keys = ("kind", "tasks", "lengths", "depths", "seed", "haystack_dir")
-        else:
-            keys = ("kind", "tasks", "data_dir", "longbench_e", "max_prompt_tokens")
-        data = self.model_dump(mode="json")
-        return {k: data[k] for k in keys}
-
-    def check_inputs(self) -> None:
-        """Refuse missing folders/files before the model is loaded."""
-        if self.haystack_dir is not None and not Path(self.haystack_dir).is_dir():
-            raise FileNotFoundError(f"--haystack-dir {self.haystack_dir} is not a folder")
-        if self.kind == "longbench" and self.data_dir is not None:
-            folder = Path(self.data_dir)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"LongBench data folder not found: {folder}")
-            suffix = "_e" if self.longbench_e else ""
-            missing = [t for t in self.tasks if not (folder / f"{t}{suffix}.jsonl").is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"LongBench data folder {folder} lacks " + ", ".join(f"{t}{suffix}.jsonl" for t in missing)
-                )
-
-
-@dataclass(frozen=True)
-class BenchExample:
-    """One prompt of the suite, ready for every config.
-
-    Attributes:
-        example_id: stable id within the suite (probes: ``passkey-L500-d0.5-i0``; LongBench:
-            ``qasper-12``, the row number in the task's data).
-        task: probe or LongBench task name.
-        prompt: complete model input.
-        question_span: character range ``[start, end)`` given to the scorer, or ``None``.
-        max_new_tokens: tokens to generate.
-        prompt_tokens: length of the prompt in tokens.
-        source: the :class:`ProbeExample` or :class:`PreparedExample` it came from.
-    """
-
-    example_id: str
-    task: str
-    prompt: str
-    question_span: tuple[int, int] | None
-    max_new_tokens: int
-    prompt_tokens: int
-    source: ProbeExample | PreparedExample
-
-
-# -- files ----------------------------------------------------------------------------------------
-def config_hash(config: CompressionConfig) -> str:
-    """12 hex digits of SHA-256 over the resolved config (defaults filled in, description left out)."""
-    data = config.resolved().to_dict()
-    data.pop("description", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-
-
-def peer_hash(method: PeerMethod) -> str:
-    """12 hex digits of SHA-256 over a peer's name and parameters (as given; the runner fills defaults)."""
-    data = {"peer": method.to_json()}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-
-
-def row_key(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
-    """``(config, suite, example_id, config_hash)``: what makes a result row unique."""
-    return (str(row["config"]), str(row["suite"]), str(row["example_id"]), str(row["config_hash"]))
-
-
-def read_results(path: str | os.PathLike[str], repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of a ``results.jsonl``; a last line without its newline is a write that was cut off.
-
-    Rows are only ever written whole (one ``write`` of the line and its newline), so the only
-    damage an interruption can leave is an unterminated last line: it is ignored, and with
-    ``repair=True`` cut from the file so appends start on a clean line. A complete line that is
-    not JSON means the file was edited by hand: that is an error naming the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(
-            f"kvcomp bench: {path}: ignoring an unfinished last line ({len(data) - end} bytes, an interrupted write)",
-            file=sys.stderr,
-        )
-        if repair:
-            with path.open("r+b") as fh:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-    rows = []
-    for line_no, line in enumerate(data[:end].decode("utf-8").split("\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {line_no}: not a JSON result row ({exc.msg})") from exc
-        if not isinstance(row, dict) or not {"config", "suite", "example_id", "config_hash"} <= row.keys():
-            raise ValueError(f"{path}, line {line_no}: not a result row (needs config, suite, example_id, config_hash)")
-        rows.append(row)
-    return rows
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done, so a row is never half written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
-class _ResultsWriter:
-    """Appends one JSON line per row: written whole, flushed and fsynced."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = path.open("a", encoding="utf-8")
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        line = json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
-        with _sigint_deferred():
-            self._fh.write(line)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """Platform, CPU count, library versions and the device the run used."""
-    import transformers
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-    }
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def check_run_dir(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The folder's stored ``run.json`` (or ``None`` for a new folder); refuses another set-up."""
-    run_file = out_dir / RUN_FILE
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} exists and is not a folder")
-    if not run_file.is_file():
-        if (out_dir / RESULTS_FILE).is_file():
-            raise ValueError(f"{out_dir} has {RESULTS_FILE} but no {RUN_FILE}: not a folder this benchmark wrote")
-        return None
-    try:
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{run_file} is not valid JSON ({exc.msg}); use another --out folder") from exc
-    old = stored.get("identity", {})
-    diffs = []
-    for section in sorted(set(old) | set(identity)):
-        a, b = old.get(section), identity.get(section)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
-            diffs.append(f"{section}: {a!r} there, {b!r} now")
-    if diffs:
-        raise ValueError(
-            f"{out_dir} holds results of a different run, so they cannot be resumed or mixed:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse another --out folder (or delete this one)."
-        )
-    return stored
 
 
 # -- the pipeline as the evaluators' generator ---------------------------------------------------
 class _Generator:
-    """Adapts a pipeline to :class:`~kvcomp_eval.protocols.TextGenerator`, with a prompt-length cap."""
+    """Adapts a pipeline to :class:`~kvcomp_eval.evaluators.base.TextGenerator`, with a prompt-length cap."""
 
     def __init__(self, pipe: Any, max_prompt_tokens: int) -> None:
         self.pipe = pipe
@@ -502,6 +183,7 @@ class CompressionBenchmark:
         self.hashes = {name: config_hash(cfg) for name, cfg in self.configs.items()}
         self.hashes.update({name: peer_hash(m) for name, m in self.peers.items()})
         self.out_dir = Path(out_dir)
+        self.store = ResultsStore(self.out_dir)
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.use_question_span = use_question_span
@@ -537,7 +219,7 @@ class CompressionBenchmark:
     def check(self) -> None:
         """Every refusal that needs no model: inputs, the run folder, every LongBench row."""
         self.suite.check_inputs()
-        check_run_dir(self.out_dir, self.identity())
+        self.store.check(self.identity())
         if self.peers:
             presses = any(m.name in PRESS_METHODS for m in self.peers.values())
             ok, reason = peers_available(self.peer_python, require_kvpress=presses)
@@ -757,10 +439,9 @@ class CompressionBenchmark:
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> BenchOutcome:
         """Run every missing (config, example), append the rows, then write the report."""
-        from kvcomp_eval.report import write_report
 
         self.check()
-        results_path = self.out_dir / RESULTS_FILE
+        results_path = self.store.results_path
         examples = self.examples()
         for name in self.configs:  # each config against the loaded model (layer counts, head dims)
             try:
@@ -768,7 +449,7 @@ class CompressionBenchmark:
             except ValueError as exc:
                 raise ConfigError(f"config {name!r} does not fit model {self.model}: {exc}") from exc
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = read_results(results_path, repair=True)
+        existing = self.store.rows(repair=True)
         by_key = {row_key(r): r for r in existing}
         self._write_run_file()
         if self.reference_added:
@@ -788,40 +469,39 @@ class CompressionBenchmark:
         if skipped:
             print(f"kvcomp bench: {skipped} rows already in {results_path}; running the {n_todo} missing", file=sys.stderr)
         written = 0
-        writer = _ResultsWriter(results_path)
         try:
-            if todo and self.warmup:
-                self._warm_up([n for n in self.names if any(n in names for _, names in todo)], todo[0][0])
-            with tqdm(total=n_todo, desc=f"bench {self.suite.label}", unit="run", disable=not self.progress) as bar:
-                for ex, names in todo:
-                    ref_key = key(REFERENCE, ex)
-                    if ref_key not in by_key:
-                        bar.set_postfix_str(f"{ex.example_id} {REFERENCE}", refresh=False)
-                        result = self._generate(REFERENCE, ex)
-                        ref_row = self._row(REFERENCE, ex, result, {"token_ids": result.token_ids, "prediction": result.text}, None)
-                        writer.write(ref_row)
-                        by_key[ref_key] = ref_row
-                        written += 1
-                        bar.update(1)
-                    reference = by_key[ref_key]
-                    others = [n for n in names if n != REFERENCE]
-                    if not others:
-                        continue
-                    ref_ids = list(reference["token_ids"])
-                    ref_lp = self._teacher_forced(REFERENCE, ex, ref_ids) if ref_ids else None
-                    for name in others:
-                        bar.set_postfix_str(f"{ex.example_id} {name}", refresh=False)
-                        result, kl = self._generate_with_kl(name, ex, ref_ids, ref_lp)
-                        row = self._row(name, ex, result, reference, kl)
-                        writer.write(row)
-                        by_key[key(name, ex)] = row
-                        written += 1
-                        bar.update(1)
+            with self.store.appender() as writer:
+                if todo and self.warmup:
+                    self._warm_up([n for n in self.names if any(n in names for _, names in todo)], todo[0][0])
+                with tqdm(total=n_todo, desc=f"bench {self.suite.label}", unit="run", disable=not self.progress) as bar:
+                    for ex, names in todo:
+                        ref_key = key(REFERENCE, ex)
+                        if ref_key not in by_key:
+                            bar.set_postfix_str(f"{ex.example_id} {REFERENCE}", refresh=False)
+                            result = self._generate(REFERENCE, ex)
+                            ref_row = self._row(REFERENCE, ex, result, {"token_ids": result.token_ids, "prediction": result.text}, None)
+                            writer.write(ref_row)
+                            by_key[ref_key] = ref_row
+                            written += 1
+                            bar.update(1)
+                        reference = by_key[ref_key]
+                        others = [n for n in names if n != REFERENCE]
+                        if not others:
+                            continue
+                        ref_ids = list(reference["token_ids"])
+                        ref_lp = self._teacher_forced(REFERENCE, ex, ref_ids) if ref_ids else None
+                        for name in others:
+                            bar.set_postfix_str(f"{ex.example_id} {name}", refresh=False)
+                            result, kl = self._generate_with_kl(name, ex, ref_ids, ref_lp)
+                            row = self._row(name, ex, result, reference, kl)
+                            writer.write(row)
+                            by_key[key(name, ex)] = row
+                            written += 1
+                            bar.update(1)
         finally:
-            writer.close()
             if self._peer_gen is not None:
                 if self._peer_gen.versions:
-                    self._record_peer_versions(self._peer_gen.versions)
+                    self.store.record_peer_versions(self._peer_gen.versions)
                 self._peer_gen.close()
                 self._peer_gen = None
         files = write_report(self.out_dir)
@@ -837,21 +517,10 @@ class CompressionBenchmark:
             pipe = self._use(name)
             pipe.generate(ex.prompt, question_span=ex.question_span, max_new_tokens=1)
 
-    def _record_peer_versions(self, versions: Mapping[str, str]) -> None:
-        # Known only once the runner has answered; added to this run's entry in run.json.
-        path = self.out_dir / RUN_FILE
-        info = json.loads(path.read_text(encoding="utf-8"))
-        info["runs"][-1]["peer_versions"] = dict(versions)
-        _write_json_atomic(path, info)
-
     def _write_run_file(self) -> None:
-        path = self.out_dir / RUN_FILE
-        stored: dict[str, Any] = {}
-        if path.is_file():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        configs = dict(stored.get("configs", {}))
-        for name, cfg in self.configs.items():
-            configs[name] = {"hash": self.hashes[name], "config": cfg.to_dict()}
+        configs: dict[str, dict[str, Any]] = {
+            name: {"hash": self.hashes[name], "config": cfg.to_dict()} for name, cfg in self.configs.items()
+        }
         for name, method in self.peers.items():
             configs[name] = {
                 "hash": self.hashes[name],
@@ -860,14 +529,16 @@ class CompressionBenchmark:
                     **method.to_json(),
                 },
             }
-        # Keep the order of this run first (full, the configs as given, the peers), then older names.
-        ordered = {n: configs[n] for n in self.names}
-        ordered.update({n: v for n, v in configs.items() if n not in ordered})
-        variants = dict(stored.get("variants", {}))
-        variants.update(self.variants)
-        runs = list(stored.get("runs", []))
-        runs.append(
-            {
+        self.store.record_run(
+            experiment=self.experiment,
+            identity=self.identity(),
+            model=self.model,
+            suite=self.suite.model_dump(mode="json"),
+            # This run's order first (full, the configs as given, the peers); the store keeps older names after.
+            configs={n: configs[n] for n in self.names},
+            variants=self.variants,
+            notes=self.notes,
+            run={
                 "command": self.command,
                 "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "machine": machine_info(self.device),
@@ -877,35 +548,5 @@ class CompressionBenchmark:
                 "offset": self.suite.offset,
                 "n_per_cell": self.suite.n_per_cell,
                 "min_prompt_tokens": self.suite.min_prompt_tokens,
-            }
-        )
-        notes = list(stored.get("notes", []))
-        notes += [n for n in self.notes if n not in notes]
-        _write_json_atomic(
-            path,
-            {
-                "format": 1,
-                "experiment": self.experiment,
-                "identity": self.identity(),
-                "model": self.model,
-                "suite": self.suite.model_dump(mode="json"),
-                "configs": ordered,
-                "variants": variants,
-                "notes": notes,
-                "runs": runs,
             },
         )
-
-
-def parse_number_list(text: str, kind: Callable[[str], Any], what: str) -> list[Any]:
-    """``"500,1000"`` -> ``[500, 1000]``; names the bad item otherwise."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise ValueError(f"{what}: expected a comma-separated list, got {text!r}")
-    out = []
-    for item in items:
-        try:
-            out.append(kind(item))
-        except ValueError as exc:
-            raise ValueError(f"{what}: {item!r} is not a {kind.__name__}") from exc
-    return out

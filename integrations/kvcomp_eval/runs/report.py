@@ -11,131 +11,19 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kvcomp_eval.bench import REFERENCE, RESULTS_FILE, RUN_FILE, read_results
-
-__all__ = ["ConfigStats", "aggregate", "current_rows", "render_summary", "write_csv", "write_report", "SUMMARY_FILE", "CSV_FILE"]
+from kvcomp_eval.runs.plots import write_plots
+from kvcomp_eval.runs.stats import ConfigStats, aggregate, config_order, current_rows, mean_or_nan
+from kvcomp_eval.runs.store import REFERENCE, RESULTS_FILE, ResultsStore
 
 SUMMARY_FILE = "summary.md"
 CSV_FILE = "results.csv"
-
-
-@dataclass(frozen=True)
-class ConfigStats:
-    """One config's means over the rows of one task (or all tasks).
-
-    Attributes:
-        config: config name.
-        n: examples.
-        score: mean task score in [0, 1].
-        kv_fraction: mean stored KV bytes / bytes of an fp16 cache of the same tokens.
-        avg_bits: mean bits per stored K/V element (16 x kv_fraction).
-        ttft_s: mean time to first token, seconds.
-        ttft_ratio: this config's summed TTFT / the reference's on the same examples (None if
-            no reference rows).
-        kl_mean: mean over examples of KL(full || config) averaged over the first K teacher-forced
-            positions, nats.
-        kl_first: the same at the first position only.
-        prefix_agreement: mean share of the reference's generated tokens reproduced before the
-            first difference.
-        exact_match: share of examples whose generated tokens equal the reference's.
-        rouge_l_ref: mean ROUGE-L F1 of the output against the reference's output.
-        decode_tokens_per_s: mean decoding speed.
-        peak_rss_bytes: largest peak memory seen (process RSS on CPU, CUDA peak on GPU).
-        prompt_tokens: mean prompt length.
-    """
-
-    config: str
-    n: int
-    score: float
-    kv_fraction: float
-    avg_bits: float
-    ttft_s: float
-    ttft_ratio: float | None
-    kl_mean: float
-    kl_first: float
-    prefix_agreement: float
-    exact_match: float
-    rouge_l_ref: float
-    decode_tokens_per_s: float
-    peak_rss_bytes: int
-    prompt_tokens: float
-
-
-def load_run_info(out_dir: Path) -> dict[str, Any]:
-    """``run.json`` as a dict, or ``{}`` when absent."""
-    path = out_dir / RUN_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg})") from exc
-
-
-def current_rows(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """Rows of each config's current contents, and how many older rows were left out."""
-    current: dict[str, str] = {n: v["hash"] for n, v in run_info.get("configs", {}).items()}
-    for row in rows:
-        if row["config"] not in run_info.get("configs", {}):
-            current[row["config"]] = row["config_hash"]  # the last row of an unknown config wins
-    kept = [dict(r) for r in rows if current.get(r["config"]) == r["config_hash"]]
-    return kept, len(rows) - len(kept)
-
-
-def _config_order(rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any]) -> list[str]:
-    names = [n for n in run_info.get("configs", {})]
-    names += [r["config"] for r in rows if r["config"] not in names]
-    names = list(dict.fromkeys(names))
-    present = {r["config"] for r in rows}
-    names = [n for n in names if n in present]
-    return ([REFERENCE] if REFERENCE in names else []) + [n for n in names if n != REFERENCE]
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(statistics.fmean(values)) if values else float("nan")
-
-
-def aggregate(rows: Sequence[Mapping[str, Any]], order: Sequence[str]) -> list[ConfigStats]:
-    """Per config (in ``order``) means over ``rows``."""
-    ref_ttft = {r["example_id"]: float(r["ttft_s"]) for r in rows if r["config"] == REFERENCE}
-    out = []
-    for name in order:
-        mine = [r for r in rows if r["config"] == name]
-        if not mine:
-            continue
-        paired = [r for r in mine if r["example_id"] in ref_ttft]
-        ratio = None
-        if paired:
-            ref_sum = sum(ref_ttft[r["example_id"]] for r in paired)
-            ratio = sum(float(r["ttft_s"]) for r in paired) / ref_sum if ref_sum > 0 else None
-        out.append(
-            ConfigStats(
-                config=name,
-                n=len(mine),
-                score=_mean([float(r["score"]) for r in mine]),
-                kv_fraction=_mean([float(r["kv_fraction"]) for r in mine]),
-                avg_bits=_mean([float(r["avg_bits"]) for r in mine]),
-                ttft_s=_mean([float(r["ttft_s"]) for r in mine]),
-                ttft_ratio=ratio,
-                kl_mean=_mean([float(r["kl_mean"]) for r in mine]),
-                kl_first=_mean([float(r["kl_first"]) for r in mine]),
-                prefix_agreement=_mean([float(r["prefix_agreement"]) for r in mine]),
-                exact_match=_mean([float(bool(r["exact_match"])) for r in mine]),
-                rouge_l_ref=_mean([float(r["rouge_l_ref"]) for r in mine]),
-                decode_tokens_per_s=_mean([float(r["decode_tokens_per_s"]) for r in mine]),
-                peak_rss_bytes=max(int(r["peak_rss_bytes"]) for r in mine),
-                prompt_tokens=_mean([float(r["prompt_tokens"]) for r in mine]),
-            )
-        )
-    return out
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -172,7 +60,7 @@ def _by_length_table(rows: Sequence[Mapping[str, Any]], order: Sequence[str], fi
         cells = [f"`{name}`"]
         for n in lengths:
             vals = [float(r[field]) for r in rows if r["config"] == name and r.get("length") == n]
-            cells.append(_fmt(_mean(vals), spec) if vals else "–")
+            cells.append(_fmt(mean_or_nan(vals), spec) if vals else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -195,7 +83,7 @@ def render_summary(
     rows: Sequence[Mapping[str, Any]], run_info: Mapping[str, Any], left_out: int = 0, plots: Sequence[Path] = ()
 ) -> str:
     """The Markdown report."""
-    order = _config_order(rows, run_info)
+    order = config_order(rows, run_info)
     suite_info = run_info.get("suite", {})
     suites = list(dict.fromkeys(r["suite"] for r in rows))
     runs = run_info.get("runs", [])
@@ -262,7 +150,7 @@ def render_summary(
     if len(tasks) > 1:
         pooled = aggregate(rows, order)
         macro = {
-            name: _mean([s.score for t in tasks for s in aggregate([r for r in rows if r["task"] == t], [name])])
+            name: mean_or_nan([s.score for t in tasks for s in aggregate([r for r in rows if r["task"] == t], [name])])
             for name in order
         }
         pooled = [ConfigStats(**{**asdict(s), "score": macro[s.config]}) for s in pooled]
@@ -312,17 +200,16 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 def write_report(out_dir: str | Path) -> list[Path]:
     """Write ``summary.md``, ``results.csv`` (current rows) and the plots from ``out_dir/results.jsonl``;
     returns the summary and plot paths (summary first)."""
-    from kvcomp_eval.plots import write_plots
-
     out_dir = Path(out_dir)
-    results = out_dir / RESULTS_FILE
-    if not results.is_file():
+    store = ResultsStore(out_dir)
+    results = store.results_path
+    if not store.has_results():
         raise FileNotFoundError(f"{results} does not exist: nothing to report")
-    run_info = load_run_info(out_dir)
-    rows, left_out = current_rows(read_results(results), run_info)
+    run_info = store.run_info()
+    rows, left_out = current_rows(store.rows(), run_info)
     if not rows:
         raise ValueError(f"{results} holds no result rows yet")
-    order = _config_order(rows, run_info)
+    order = config_order(rows, run_info)
     write_csv(out_dir / CSV_FILE, rows)
     plots = write_plots(out_dir, rows, order, run_info)
     summary = out_dir / SUMMARY_FILE

@@ -34,7 +34,7 @@ class TextGenerator(Protocol):
         """Prefill ``prompt`` (the complete model input, chat template already applied) and decode.
 
         Args:
-            prompt: the text to encode; encode it with :func:`kvcomp_eval.tokenization.encode_prompt`
+            prompt: the text to encode; encode it with :func:`kvcore.text.encode_prompt`
                 so special tokens already in the text are not added twice.
             question_span: character offsets ``[start, end)`` of the question/instruction in
                 ``prompt`` (the prompt-guided scorer's window); ``None`` means the last W tokens.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvcomp_eval.metrics import rouge_l_score
+from kvcomp_eval.metrics.tasks import rouge_l_score
 from kvcore.types import GenerationResult
 
 __all__ = [

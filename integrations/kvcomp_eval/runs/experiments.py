@@ -1,4 +1,4 @@
-"""Experiments built on :class:`~kvcomp_eval.bench.CompressionBenchmark`: the ablation variants.
+"""Experiments built on :class:`~kvcomp_eval.runs.benchmark.CompressionBenchmark`: the ablation variants.
 
 :func:`derive_ablation_variants` turns one base config into real
 :class:`~kvcore.config.CompressionConfig` variants (through ``with_overrides``), each removing
@@ -154,7 +154,7 @@ def derive_ablation_variants(
         known: configs already in the run ``{name: config}`` (the base and ``full`` at least);
             a variant equal to one of them is marked ``same_as`` it.
     """
-    from kvcomp_eval.bench import config_hash
+    from kvcomp_eval.runs.store import config_hash
 
     known = dict(known or {})
     known.setdefault(base_name, base)

@@ -1,4 +1,8 @@
-"""Turning prompt text into model input: encoding, character-to-token spans, padded batches."""
+"""Padded batches of prompts, and the kernel's prompt encoder re-exported for the evaluation code.
+
+Encoding, token counts and character-to-token spans live in :mod:`kvcore.text`, the one encoder
+the pipeline, the benchmark and the lm-eval model share (special tokens added at most once).
+"""
 
 from __future__ import annotations
 
@@ -9,47 +13,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from kvcore.text import adds_special_tokens, char_span_to_token_span, count_prompt_tokens, encode_prompt
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a complete prompt, adding the tokenizer's special tokens at most once.
-
-    A rendered chat template usually starts with the BOS token already written as text; adding
-    special tokens again would put two BOS tokens in front. So special tokens are added only
-    when the text does not already start with ``tokenizer.bos_token``.
-    """
-    return list(tokenizer(text, add_special_tokens=_adds_special_tokens(tokenizer, text))["input_ids"])
-
-
-def _adds_special_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
-    bos = tokenizer.bos_token
-    return not (bool(bos) and text.startswith(bos))
-
-
-def count_prompt_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    """Length in tokens of ``text`` encoded by :func:`encode_prompt`."""
-    return len(encode_prompt(tokenizer, text))
-
-
-def char_span_to_token_span(
-    offsets: Sequence[tuple[int, int]], span: tuple[int, int]
-) -> tuple[int, int] | None:
-    """Token range ``[first, last + 1)`` covering the character span ``[start, end)``.
-
-    Args:
-        offsets: per token ``(char_start, char_end)`` as a fast tokenizer's
-            ``return_offsets_mapping`` gives it; special tokens have empty ranges and never match.
-        span: character offsets ``[start, end)`` in the encoded text.
-
-    Returns:
-        The first and one-past-last token overlapping the span, or ``None`` if none does.
-    """
-    start, end = span
-    if start < 0 or end <= start:
-        raise ValueError(f"span must satisfy 0 <= start < end, got {span!r}")
-    hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    if not hits:
-        return None
-    return hits[0], hits[-1] + 1
+__all__ = ["DataCollator", "PromptBatch", "char_span_to_token_span", "count_prompt_tokens", "encode_prompt"]
 
 
 @dataclass
@@ -111,7 +77,7 @@ class DataCollator:
                 raise ValueError(f"prompt {i} is empty or not a string: {text!r:.40}")
             enc = self.tokenizer(
                 text,
-                add_special_tokens=_adds_special_tokens(self.tokenizer, text),
+                add_special_tokens=adds_special_tokens(self.tokenizer, text),
                 return_offsets_mapping=question_spans is not None,
             )
             ids = list(enc["input_ids"])

@@ -1,4 +1,4 @@
-"""``kvcomp tune``: hyperparameter search with Optuna (a ``kvcomp.plugins`` plugin).
+"""``kvcomp tune``: hyperparameter search with Optuna (a ``kvcomp.commands`` plugin).
 
     kvcomp tune --sampler tpe --trials 8 --suite passkey --lengths 500 --limit 4 --out tune1
 
@@ -13,11 +13,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from kvcore.hookspecs import hookimpl
 
-_SAMPLERS = ("random", "tpe", "cmaes", "nsga2")  # kvcomp_eval.tune.SAMPLERS, without importing it here
+_SAMPLERS = ("random", "tpe", "cmaes", "nsga2")  # kvcomp_eval.tune.settings.SAMPLERS, without importing it here
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -25,7 +25,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         import optuna  # noqa: F401
     except ImportError as exc:
         raise ValueError("kvcomp tune needs Optuna: pip install 'kvcomp[tune]'") from exc
-    from kvcomp_eval.tune import TuneSettings, run_tuning
+    from kvcomp_eval.tune.run import run_tuning
+    from kvcomp_eval.tune.settings import TuneSettings
 
     settings = TuneSettings.create(
         sampler=args.sampler,
@@ -87,7 +88,7 @@ def _positive_int(text: str) -> int:
 
 
 @hookimpl
-def register_commands(subparsers: argparse._SubParsersAction, add_command: Callable[..., Any]) -> None:
+def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add ``tune``."""
     p = add_command(
         "tune",

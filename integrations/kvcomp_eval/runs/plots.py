@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from kvcomp_eval.report import ConfigStats, aggregate
+from kvcomp_eval.runs.stats import ConfigStats, aggregate
 
 __all__ = ["write_plots"]
 
