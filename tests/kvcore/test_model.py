@@ -162,8 +162,8 @@ def test_bad_prompts_and_mismatched_caches_are_refused(model_pair):
     foreign = other(input_ids=_ids(50)).cache
     with pytest.raises(ValueError, match="belongs to another model"):
         ours(input_ids=_ids(1), cache=foreign, use_cache=True)
-    with pytest.raises(ValueError, match="empty"):
-        ours(input_ids=_ids(1), cache=CompressedKVCache(4), use_cache=True)
+    with pytest.raises(ValueError, match="empty"):  # a prompt given as embeddings cannot be compressed
+        ours(inputs_embeds=torch.zeros(1, 1, 128), cache=CompressedKVCache(4), use_cache=True)
     ids = _ids(30)
     mask = torch.ones_like(ids)
     mask[0, -1] = 0
@@ -185,3 +185,84 @@ def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_any_work(m
     with pytest.raises(ValueError, match="64"):
         ours.set_compression(_config("default", **{"quantizer.group_size": 64}))
     assert ours.compressor is None
+
+
+def _decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, 1 + T, V]``: after the prompt, then after each forced token of ``steps [B, T]``,
+    through direct ``model(...)`` calls that pass the attention mask but no ``position_ids``."""
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    rows = [out.logits[:, -1]]
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=steps[:, t : t + 1], cache=out.cache, attention_mask=mask, use_cache=True)
+        rows.append(out.logits[:, -1])
+    return torch.stack(rows, dim=1).float()
+
+
+@pytest.mark.parametrize("preset", ["default", "fast"])
+@torch.no_grad()
+def test_each_row_of_a_compressed_batch_equals_its_single_prompt_run(model_pair, preset):
+    ours, _ = model_pair
+    ours.set_compression(_config(preset, **(PROPAGATE if preset == "fast" else {})))
+    try:
+        ids, steps = _ids(150, batch=2, seed=4), _ids(5, batch=2, seed=9)
+        got = _decode_logits(ours, ids, torch.ones_like(ids), steps)
+        assert not torch.allclose(got[0], got[1]), "the rows must differ for the check to mean anything"
+        for row in range(2):
+            one = ids[row : row + 1]
+            ref = _decode_logits(ours, one, torch.ones_like(one), steps[row : row + 1])
+            assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_direct_decode_calls_on_a_left_padded_batch_take_positions_from_the_mask(model_pair):
+    # Tier sizes are shared by the batch, so a padded row equals its own run only when every
+    # token is kept at a per-token precision: lossless8 with per-token keys.
+    ours, _ = model_pair
+    ours.set_compression(_config("lossless8", **{"quantizer.key_mode": "token", "quantizer.residual_length": 16}))
+    try:
+        long_, short = _ids(150, seed=1), _ids(110, seed=2)
+        pad = long_.shape[1] - short.shape[1]
+        ids = torch.cat([long_, torch.cat([torch.full((1, pad), 1), short], dim=1)])
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        steps = _ids(5, batch=2, seed=9)
+        got = _decode_logits(ours, ids, mask, steps)
+        for row, prompt in enumerate((long_, short)):
+            ref = _decode_logits(ours, prompt, torch.ones_like(prompt), steps[row : row + 1])
+            assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_a_batch_row_shorter_than_the_default_window_propagates(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("fast", **PROPAGATE))  # window_size 32
+    try:
+        long_, short = _ids(120, seed=1), _ids(20, seed=2)
+        ids = torch.cat([long_, torch.cat([torch.full((1, 100), 1), short], dim=1)])
+        mask = torch.ones_like(ids)
+        mask[1, :100] = 0
+        got = _decode_logits(ours, ids, mask, _ids(2, batch=2, seed=9))
+        ref = _decode_logits(ours, short, torch.ones_like(short), _ids(2, batch=2, seed=9)[1:])
+        assert torch.allclose(got[1], ref[0], atol=1e-4, rtol=1e-4)
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@pytest.mark.parametrize("preset", ["default", "fast"])
+@torch.no_grad()
+def test_a_one_token_prompt_fills_the_cache_and_decodes(model_pair, preset):
+    ours, stock = model_pair
+    ours.set_compression(_config(preset, **(PROPAGATE if preset == "fast" else {})))
+    try:
+        ids = _ids(1)
+        out = ours(input_ids=ids)
+        assert out.cache.tokens_kept_per_layer() == [1, 1, 1, 1]
+        ref = stock.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False), ref)
+    finally:
+        ours.set_compression(CompressionConfig())
