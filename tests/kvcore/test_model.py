@@ -107,6 +107,35 @@ def test_propagation_thins_the_stream_and_keeps_original_positions(model_pair):
     ours.set_compression(CompressionConfig())
 
 
+@torch.no_grad()
+def test_propagated_logits_equal_a_reference_forward_of_the_kept_tokens_at_their_positions(model_pair):
+    ours, stock = model_pair
+    ours.set_compression(_config("propagate-only", **PROPAGATE))
+    try:
+        n = 200
+        ids = _ids(n)
+        out = ours(input_ids=ids)
+        # Reference: the stock model's own layers, run by hand; before layer l the stream is cut to
+        # the tokens stored in layer l, each fed with its original position as explicit position_ids.
+        hidden, pos = stock.model.embed_tokens(ids), torch.arange(n)
+        for idx, layer in enumerate(stock.model.layers):
+            kept = out.cache.layer(idx).compressed.residual_positions[0, 0].long()
+            if kept.numel() < pos.numel():
+                hidden, pos = hidden[:, torch.searchsorted(pos, kept)], kept
+            position_ids = pos[None]
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=stock.model.rotary_emb(hidden, position_ids=position_ids),
+            )
+        assert pos.numel() == n // 4, "the reference must see the thinned stream"
+        ref = stock.lm_head(stock.model.norm(hidden[:, -1:])).float()
+        assert torch.allclose(out.logits, ref, atol=1e-4, rtol=1e-4), (out.logits - ref).abs().max()
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
 def _stored_tensors(cache: CompressedKVCache):
     for i in range(len(cache.layers)):
         layer = cache.layer(i)
