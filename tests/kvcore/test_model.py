@@ -87,6 +87,9 @@ def test_generate_samples_on_the_compressed_cache(model_pair):
     torch.manual_seed(3)
     b = ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0)
     assert a.shape == (2, 206) and torch.equal(a, b)
+    # A value check beside the determinism: sampling from the single most likely token is greedy decoding.
+    greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=1), greedy)
     ours.set_compression(CompressionConfig())
 
 

@@ -72,12 +72,32 @@ def test_continuation_logprobs_are_exact_for_the_identity_and_close_for_lossless
     got = pipe.continuation_logprobs(PROMPT, cont)
     kl = (ref.exp() * (ref - got)).sum(-1)
     assert float(kl.max()) < 1e-3
+    # Negative control: a config that throws most of the context away fails the same check.
+    pipe.set_config(CompressionConfig.from_preset("default").with_overrides(
+        {"quantizer.residual_length": 0, "quantizer.frac_8bit": 0.0, "quantizer.frac_4bit": 0.0,
+         "quantizer.frac_2bit": 0.1, "quantizer.frac_drop": 0.9}
+    ))
+    broken = pipe.continuation_logprobs(PROMPT, cont)
+    assert float((ref.exp() * (ref - broken)).sum(-1).max()) >= 1e-3
 
 
 def test_seeded_sampling_is_reproducible(pipe):
     a = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
     b = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
     assert a.token_ids == b.token_ids
+    # The first draw against a reference written here: nucleus of softmax(logprobs / T), one
+    # multinomial draw from a generator seeded the same way.
+    probs = torch.softmax(a.first_token_logprobs / 0.8, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    n_keep = int((sorted_p.cumsum(0) < 0.9).sum()) + 1  # the smallest set whose mass reaches top_p
+    nucleus = torch.zeros_like(probs)
+    nucleus[order[:n_keep]] = sorted_p[:n_keep]
+    assert 1 < n_keep < probs.numel(), "the nucleus must cut something for the check to mean anything"
+    expected = torch.multinomial(nucleus[None], 1, generator=torch.Generator().manual_seed(11))
+    assert a.token_ids[0] == int(expected)
+    # top_p so small that only the argmax survives: sampling must equal greedy decoding.
+    greedy = pipe.generate(PROMPT, max_new_tokens=5)
+    assert pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, top_p=1e-9, seed=3).token_ids == greedy.token_ids
     torch.manual_seed(0)
 
 
