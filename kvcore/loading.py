@@ -153,18 +153,19 @@ def check_hub_reachable(repo_id: str, name: str) -> None:
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     fetch = f"`kvcomp model fetch {name}` on a machine with network access, or give a local model folder"
+    label = f"model {name!r}" + (f" ({repo_id})" if repo_id != name else "")
     if is_offline_mode():
-        raise FileNotFoundError(f"model {name!r} ({repo_id}) is not in the local hub cache and HF_HUB_OFFLINE is set: {fetch}")
+        raise FileNotFoundError(f"{label} is not in the local hub cache and HF_HUB_OFFLINE is set: {fetch}")
     try:
         HfApi().model_info(repo_id, timeout=10)
     except GatedRepoError:
         return  # downloading needs a token; transformers reports that itself
     except RepositoryNotFoundError as exc:
-        raise FileNotFoundError(f"model {name!r}: {repo_id} was not found on the hub (or is private)") from exc
+        raise FileNotFoundError(f"{label} was not found on the hub (or is private)") from exc
     except Exception as exc:  # no route, DNS failure, timeout, proxy refusal: all mean "unreachable"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FileNotFoundError(
-            f"model {name!r} ({repo_id}) is not in the local hub cache and the hub cannot be reached ({reason}): {fetch}"
+            f"{label} is not in the local hub cache and the hub cannot be reached ({reason}): {fetch}"
         ) from exc
 
 
