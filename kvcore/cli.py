@@ -73,24 +73,38 @@ def cmd_config_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from kvcore.pipeline import KVCompPipeline
+def read_text_file(path: Path, flag: str) -> str:
+    """The UTF-8 text of ``path``; a missing file, a directory or other bytes are refused naming it."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a text file")
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
 
-    if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
-        prompt = args.prompt_file.read_text(encoding="utf-8")
-    else:
-        prompt = args.prompt
-    config = config_from_args(args)
-    config.validate_components()
-    pipe = KVCompPipeline.from_pretrained(args.model, config)
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvcore.loading import check_device
+    from kvcore.pipeline import KVCompPipeline, check_prompt
+
+    prompt = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file is not None else args.prompt
+    # Everything that needs no model is checked before the weights load (seconds to minutes).
+    where = f"--prompt-file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
+    if not prompt.strip():
+        raise UsageError(f"the prompt ({where}) is empty")
     span = None
     if args.question is not None:
-        idx = prompt.rfind(args.question)
+        idx = prompt.rfind(args.question) if args.question.strip() else -1
         if idx < 0:
-            raise UsageError("--question must be a substring of the prompt")
+            raise UsageError(f"--question {args.question!r:.80} is not a substring of the prompt ({where})")
         span = (idx, idx + len(args.question))
+    check_prompt(prompt, span)
+    config = config_from_args(args)
+    config.validate_components()
+    check_device(args.device)
+    pipe = KVCompPipeline.from_pretrained(args.model, config, device=args.device)
     result = pipe.generate(
         prompt,
         question_span=span,
@@ -183,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", metavar="TEXT", help="the question inside the prompt (guides the scorer)")
     add_config_arguments(p)
     p.add_argument("--model", default="smollm2-135m", help="model preset, folder, .gguf file or hub id (default: smollm2-135m)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -25,6 +25,11 @@ from kvcore.registry import NONE_COMPONENT, ComponentError, ComponentRegistry, g
 
 PRESET_PACKAGE = "kvcore.presets"
 
+MAX_TOKEN_COUNT = 1 << 17
+"""Upper bound of every token-count field (residual length, flush size, keep floors): 131,072,
+the longest context of the LLaMA family. Past it a count can only mean "never compress" (or
+overflow a tensor shape), so it is refused as a typo rather than accepted silently."""
+
 
 class ConfigError(ValueError):
     """A configuration file or preset could not be read or validated."""
@@ -147,6 +152,8 @@ class CompressionConfig(BaseModel):
     def from_file(cls, path: str | Path) -> "CompressionConfig":
         """Load YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a .yaml, .yml or .json file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -120,6 +120,7 @@ def resolve_model(model: str) -> str:
     if preset is not None:
         if preset.gguf_package:
             return str(convert_gguf(gguf_path(preset), cache_dir() / "models" / preset.name))
+        check_hub_reachable(preset.repo_id, model)
         return preset.repo_id
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
@@ -131,11 +132,57 @@ def resolve_model(model: str) -> str:
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path)
     if model.count("/") == 1 and not model.startswith((".", "/")):
+        check_hub_reachable(model, model)
         return model  # a hub id; transformers fetches or finds it in the hub cache
     raise ValueError(
         f"unknown model {model!r}: give a preset ({', '.join(MODEL_PRESETS)}), a model folder, a .gguf file "
         "or a hub id such as meta-llama/Llama-2-7b-hf"
     )
+
+
+def check_hub_reachable(repo_id: str, name: str) -> None:
+    """Refuse, in well under a second, a hub checkpoint that is neither cached nor reachable.
+
+    Without this, transformers retries the hub for ~30 s and ends in an ``OSError`` traceback.
+    A checkpoint already in the local hub cache passes without any network access.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    fetch = f"`kvcomp model fetch {name}` on a machine with network access, or give a local model folder"
+    label = f"model {name!r}" + (f" ({repo_id})" if repo_id != name else "")
+    if is_offline_mode():
+        raise FileNotFoundError(f"{label} is not in the local hub cache and HF_HUB_OFFLINE is set: {fetch}")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # downloading needs a token; transformers reports that itself
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(f"{label} was not found on the hub (or is private)") from exc
+    except Exception as exc:  # no route, DNS failure, timeout, proxy refusal: all mean "unreachable"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileNotFoundError(
+            f"{label} is not in the local hub cache and the hub cannot be reached ({reason}): {fetch}"
+        ) from exc
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a CUDA device on a machine without CUDA is refused by name."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device (use cpu or cuda[:N])") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda[:N]")
+    return dev
 
 
 def load_tokenizer(source: str) -> Any:
@@ -154,7 +201,12 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | to
 
     from kvcore.model import CompressedLlamaForCausalLM, check_llama_config
 
-    check_llama_config(AutoConfig.from_pretrained(source))
+    device = check_device(device)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:  # e.g. a gated repo without a token: one line, not transformers' traceback
+        raise FileNotFoundError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
+    check_llama_config(config)
     model = CompressedLlamaForCausalLM.from_pretrained(source, dtype=dtype)
     return model.to(device).eval()
 

@@ -95,7 +95,8 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
     ) -> CausalLMOutputWithPast:
         is_prompt = cache is None or cache.get_seq_length() == 0
         compressing = self.compressor is not None and use_cache is not False and labels is None
-        if compressing and is_prompt and input_ids is not None and input_ids.shape[1] > 1:
+        # A one-token prompt takes this path too: it has nothing to compress, but it must fill the cache.
+        if compressing and is_prompt and input_ids is not None:
             if not isinstance(cache, CompressedKVCache):
                 cache = self.new_cache()  # generate() made a DynamicCache; ours replaces it
             return self.compressed_prefill(input_ids, attention_mask, cache)
@@ -107,6 +108,11 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 )
             if not cache.is_filled:
                 raise ValueError("this CompressedKVCache is empty: run a prompt (prefill) through the model first")
+            q = input_ids.shape[1] if input_ids is not None else 0
+            if position_ids is None and attention_mask is not None and attention_mask.shape[-1] == cache.get_seq_length() + q:
+                # transformers would number the new tokens from the padded length; a left-padded
+                # row's true positions are its count of real tokens (what generate() passes too).
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
         with decoding_on(cache if isinstance(cache, CompressedKVCache) else None):
             return super().forward(
                 input_ids=input_ids,
@@ -196,7 +202,13 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 keep = result.keep_idx.to(device)
                 hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
                 positions = positions.gather(1, keep)
-                is_window = is_window.gather(1, keep)
+                if cache.window_token_idx is None:
+                    # The default window is the last W columns. A row shorter than W has padding
+                    # there, which propagation may drop, so the gathered masks would differ per
+                    # row; the kept window tokens are still the tail of every row (order is kept).
+                    is_window = self._window_mask(None, b, keep.shape[1], device)
+                else:
+                    is_window = is_window.gather(1, keep)
                 if b > 1 and not bool((is_window == is_window[:1]).all()):
                     raise ValueError("an explicit prompt window with batch > 1 and propagation is not supported")
                 window_idx = is_window[0].nonzero().flatten()

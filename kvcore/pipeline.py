@@ -18,8 +18,8 @@ from transformers import DynamicCache
 
 from kvcore.cache import CompressedKVCache
 from kvcore.accounting import kv_bytes_fp16_for_model
-from kvcore.config import CompressionConfig, load_config
-from kvcore.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from kvcore.config import CompressionConfig, load_config, preset_names
+from kvcore.loading import DEFAULT_MODEL, check_device, load_model, load_tokenizer, resolve_model
 from kvcore.text import encode_prompt, encode_prompt_with_offsets, tokens_in_char_span, truncate_middle_ids
 from kvcore.types import GenerationResult, tensor_bytes
 from kvcore.weights import quantize_linear_weights
@@ -35,6 +35,7 @@ class KVCompPipeline:
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: CompressionConfig) -> None:
+        _check_config_type(config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -49,8 +50,12 @@ class KVCompPipeline:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
     ) -> "KVCompPipeline":
-        """Load ``model`` (preset name, folder, ``.gguf`` or hub id) with a config or preset name."""
-        cfg = load_config(preset=config) if isinstance(config, str) else config
+        """Load ``model`` (preset name, folder, ``.gguf`` or hub id) with a config or preset name.
+
+        Arguments are checked before the weights load, so a bad one costs no loading time.
+        """
+        cfg = load_config(preset=config) if isinstance(config, str) else _check_config_type(config)
+        check_device(device)
         source = resolve_model(model)
         return cls(load_model(source, dtype=dtype, device=device), load_tokenizer(source), cfg)
 
@@ -61,6 +66,7 @@ class KVCompPipeline:
 
     def set_config(self, config: CompressionConfig) -> None:
         """Switch compression without reloading the weights (weight quantisation cannot be undone)."""
+        _check_config_type(config)
         if config.weights != self.weights_applied:
             if self.weights_applied != "none":
                 raise ValueError("weights were already quantised in this pipeline; load the model again to change them")
@@ -82,8 +88,10 @@ class KVCompPipeline:
         ``question_span`` is a character range ``[start, end)`` of ``prompt``. With
         ``truncate="middle"`` an over-long prompt keeps its first and last halves.
         """
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty")
+        check_prompt(prompt, question_span)
+        _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        if truncate not in ("error", "middle"):
+            raise ValueError(f"truncate must be 'error' or 'middle', got {truncate!r}")
         if question_span is not None:
             start, end = question_span
             if not (0 <= start < end <= len(prompt)):
@@ -125,9 +133,14 @@ class KVCompPipeline:
         seed: int | None = None,
         truncate: Literal["error", "middle"] = "error",
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS).
+
+        One prompt per call; for a batch, call ``self.model.generate`` on left-padded ``input_ids``.
+        """
+        check_prompt(prompt, question_span)
+        _check_int("max_new_tokens", max_new_tokens, minimum=1)
+        if seed is not None:
+            _check_int("seed", seed, minimum=0)
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         input_ids, window = self.encode(prompt, question_span, max_new_tokens, truncate)
@@ -208,6 +221,44 @@ class KVCompPipeline:
             out = self.model(input_ids=cont, cache=out.cache, position_ids=positions, use_cache=True)
             rows.append(out.logits[0].float())
         return torch.log_softmax(torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]), dim=-1).cpu()
+
+
+def check_prompt(prompt: Any, question_span: Any = None) -> None:
+    """Refuse, before any model work, a prompt that is not one non-empty ``str`` and a
+    ``question_span`` that is not two ``int`` character offsets (its range is checked on encoding)."""
+    if isinstance(prompt, (list, tuple)):
+        raise TypeError(
+            f"prompt must be one str, got a {type(prompt).__name__} of {len(prompt)} items: call generate once "
+            "per prompt, or model.generate() on a left-padded batch"
+        )
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.60}")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if question_span is not None:
+        if (
+            not isinstance(question_span, (tuple, list))
+            or len(question_span) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in question_span)
+        ):
+            raise TypeError(f"question_span must be a (start, end) pair of int character offsets, got {question_span!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    # bool is an int subclass and 2.5 would round silently in range(): both are refused by name.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_config_type(config: Any) -> CompressionConfig:
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(
+            f"config must be a CompressionConfig or a preset name ({', '.join(preset_names())}), "
+            f"got {type(config).__name__} {config!r:.60}"
+        )
+    return config
 
 
 def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator: Any) -> Tensor:

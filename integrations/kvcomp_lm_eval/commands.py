@@ -1,8 +1,9 @@
 """``kvcomp lm-eval-tasks``: write offline LongBench task YAMLs for lm-eval (a ``kvcomp.commands`` plugin).
 
-    kvcomp lm-eval-tasks --data-dir data/longbench --out lm_eval_tasks --task multi_news
+    kvcomp lm-eval-tasks --data-dir data/longbench --task multi_news
 
-prints the ``--include_path`` and ``--tasks`` values to hand to ``lm_eval``.
+writes into ``--out`` (default: ``lm_eval_tasks`` in the kvcomp cache directory, never the current
+folder, so a run inside a clone leaves no untracked files) and prints the ``--include_path`` and ``--tasks`` values to hand to ``lm_eval``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from kvcore.hookspecs import hookimpl
 def cmd_lm_eval_tasks(args: argparse.Namespace) -> int:
     from kvcomp_lm_eval.tasks import write_local_longbench_tasks
 
-    names = write_local_longbench_tasks(args.data_dir, args.out, tasks=args.task or None)
-    include = str(Path(args.out).expanduser().resolve())
+    from kvcore.loading import cache_dir
+
+    out = args.out if args.out is not None else cache_dir() / "lm_eval_tasks"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    names = write_local_longbench_tasks(args.data_dir, out, tasks=args.task or None)
+    include = str(Path(out).expanduser().resolve())
     if args.json:
         print(json.dumps({"include_path": include, "tasks": names}))
         return 0
@@ -43,7 +49,13 @@ def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> No
         cmd_lm_eval_tasks,
     )
     p.add_argument("--data-dir", type=Path, required=True, help="folder of LongBench <task>.jsonl files")
-    p.add_argument("--out", type=Path, required=True, help="folder to write the task YAMLs into (lm-eval's --include_path)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to write the task YAMLs into (lm-eval's --include_path; default: lm_eval_tasks in the kvcomp "
+        "cache directory, $KVCOMP_CACHE_DIR or ~/.cache/kvcomp)",
+    )
     p.add_argument(
         "--task",
         action="append",

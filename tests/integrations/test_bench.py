@@ -279,6 +279,24 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_model_dir, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["bench", "run"])
+def test_out_naming_a_file_or_a_missing_cuda_is_one_line_and_touches_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me\n", encoding="utf-8")
+    out = tmp_path / "run"
+    for target, extra, message in (
+        (taken, [], f"--out {taken} is a file; give a folder"),
+        (out, ["--device", "cuda"], "device 'cuda': this machine has no CUDA device"),
+    ):
+        args = bench_args(tiny_model_dir, target, "--preset", "default", *extra)
+        args[0] = command
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kvcomp: error: ") and err.count("\n") == 1 and message in err, err
+    assert taken.read_text(encoding="utf-8") == "keep me\n" and not out.exists()
+
+
 def test_full_is_reserved_for_the_uncompressed_model(tmp_path):
     compressing = CompressionConfig.from_preset("default")
     with pytest.raises(ValueError, match="reserved for the uncompressed reference"):

@@ -536,6 +536,21 @@ def test_kvcomp_cli_lm_eval_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "unknown LongBench task 'nope'" in capsys.readouterr().err
 
 
+def test_lm_eval_tasks_writes_into_the_cache_dir_by_default(tmp_path, capsys, monkeypatch) -> None:
+    from kvcore.cli import main
+
+    data, cwd = tmp_path / "data", tmp_path / "clone"
+    data.mkdir()
+    cwd.mkdir()
+    _write_jsonl(data / "trec.jsonl", _longbench_rows(1))
+    monkeypatch.setenv("KVCOMP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(cwd)
+    assert main(["lm-eval-tasks", "--data-dir", str(data), "--task", "trec", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["include_path"] == str((tmp_path / "cache" / "lm_eval_tasks").resolve())
+    assert list(cwd.iterdir()) == [], "nothing is written into the current folder"
+
+
 # -- the real lm_eval CLI --------------------------------------------------------------------------------
 def test_lm_eval_cli_kvcomp_llama_and_hf(tiny_model_dir: Path, local_longbench_tasks: Path, tmp_path: Path) -> None:
     common = ["--tasks", LOCAL_TASK, "--include_path", str(local_longbench_tasks), "--limit", "2"]

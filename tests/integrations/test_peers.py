@@ -309,13 +309,16 @@ def test_runner_full_matches_plain_greedy(tiny_model_dir: Path) -> None:
     tokens, ref = _greedy_reference(tiny_model_dir, PROMPT, 4)
     runner = PeerRunner(model=str(tiny_model_dir), python=sys.executable, threads=1)
     rows = runner.run(
-        [PeerPrompt("a", PROMPT, SPAN), PeerPrompt("b", PROMPT)],
+        [PeerPrompt("a", PROMPT, SPAN), PeerPrompt("b", PROMPT), PeerPrompt("broken", PROMPT, SPAN)],
         [PeerMethod("full")],
         max_new_tokens=4,
-        teacher_tokens={"a": tokens, "b": tokens},
-        reference_logprobs={"a": ref},
+        teacher_tokens={"a": tokens, "b": tokens, "broken": tokens},
+        # Negative control: a reference whose vocabulary is reversed must fail the KL check below.
+        reference_logprobs={"a": ref, "broken": ref.flip(-1)},
         with_logprobs=True,
     )
+    broken = rows.pop()
+    assert broken.kl_first is not None and broken.kl_first > 1e-2 and broken.kl_mean > 1e-2
     assert [r.id for r in rows] == ["a", "b"]
     n = len(PROMPT)
     for row in rows:
@@ -496,6 +499,8 @@ def test_bench_runs_a_peer_on_the_same_prompts(tiny_model_dir: Path, tmp_path: P
     assert peer["prompt_tokens"] == full["prompt_tokens"] and peer["token_ids"] == full["token_ids"]
     assert peer["exact_match"] is True and peer["prefix_agreement"] == 1.0
     assert len(peer["kl_per_step"]) == 3 and max(peer["kl_per_step"]) < 1e-5
+    # Negative control: the compressing config of the same run fails that check.
+    assert len(rows[1]["kl_per_step"]) == 3 and max(rows[1]["kl_per_step"]) > 1e-5
     assert peer["kv_fraction"] == 1.0  # peers count float tensors at fp16 size; kvcomp's full is fp32 (2.0)
     assert peer["config_hash"] == peer_hash(PeerMethod("full"))
     run = json.loads((out / "run.json").read_text())

@@ -395,3 +395,13 @@ def test_missing_and_binary_config_files_are_named(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00scorer")
     with pytest.raises(ConfigError, match=rf"config file {re.escape(str(binary))} is not UTF-8 text"):
         CompressionConfig.from_file(binary)
+
+
+def test_the_docs_list_every_shipped_preset() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    lm_eval_row = next(line for line in (repo / "docs" / "lm_eval.md").read_text(encoding="utf-8").splitlines()
+                       if line.startswith("| `preset` |"))
+    for name in preset_names():
+        assert f"| `{name}` |" in readme, f"README's preset table lacks {name}"
+        assert f"`{name}`" in lm_eval_row, f"docs/lm_eval.md's preset list lacks {name}"

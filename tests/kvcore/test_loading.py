@@ -27,15 +27,23 @@ def test_a_local_folder_loads_as_the_compressed_model(tiny_folder):
     assert isinstance(model, CompressedLlamaForCausalLM) and tok.padding_side == "left"
 
 
-def test_unknown_models_and_missing_files_are_refused(tmp_path):
+def test_unknown_models_and_missing_files_are_refused(tmp_path, monkeypatch):
+    import huggingface_hub
+
     with pytest.raises(ValueError, match="smollm2-135m"):
         loading.resolve_model("no-such-thing")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         loading.resolve_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         loading.resolve_model(str(tmp_path))
+    # A hub checkpoint resolves to its id when the hub answers (or when it is cached, with no network).
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: object())
     assert loading.resolve_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     assert loading.resolve_model("llama2-13b") == "meta-llama/Llama-2-13b-hf"
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("a cached model needs no network"))
+    assert loading.resolve_model("llama2-7b") == "meta-llama/Llama-2-7b-hf"
 
 
 def test_a_non_llama_checkpoint_is_refused_by_name(tmp_path):
@@ -46,6 +54,7 @@ def test_a_non_llama_checkpoint_is_refused_by_name(tmp_path):
 
 def test_fetch_explains_gated_repos(monkeypatch):
     import huggingface_hub
+
     from huggingface_hub.errors import GatedRepoError
 
     class Response:  # what the hub client reads off a refused request

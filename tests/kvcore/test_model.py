@@ -87,6 +87,9 @@ def test_generate_samples_on_the_compressed_cache(model_pair):
     torch.manual_seed(3)
     b = ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0)
     assert a.shape == (2, 206) and torch.equal(a, b)
+    # A value check beside the determinism: sampling from the single most likely token is greedy decoding.
+    greedy = ours.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=True, top_k=1), greedy)
     ours.set_compression(CompressionConfig())
 
 
@@ -105,6 +108,35 @@ def test_propagation_thins_the_stream_and_keeps_original_positions(model_pair):
         assert int(pos[-1]) == n - 1, "the last prompt token always continues"
         assert set(range(4)) <= set(pos.tolist()), "sinks always continue"
     ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_propagated_logits_equal_a_reference_forward_of_the_kept_tokens_at_their_positions(model_pair):
+    ours, stock = model_pair
+    ours.set_compression(_config("propagate-only", **PROPAGATE))
+    try:
+        n = 200
+        ids = _ids(n)
+        out = ours(input_ids=ids)
+        # Reference: the stock model's own layers, run by hand; before layer l the stream is cut to
+        # the tokens stored in layer l, each fed with its original position as explicit position_ids.
+        hidden, pos = stock.model.embed_tokens(ids), torch.arange(n)
+        for idx, layer in enumerate(stock.model.layers):
+            kept = out.cache.layer(idx).compressed.residual_positions[0, 0].long()
+            if kept.numel() < pos.numel():
+                hidden, pos = hidden[:, torch.searchsorted(pos, kept)], kept
+            position_ids = pos[None]
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=stock.model.rotary_emb(hidden, position_ids=position_ids),
+            )
+        assert pos.numel() == n // 4, "the reference must see the thinned stream"
+        ref = stock.lm_head(stock.model.norm(hidden[:, -1:])).float()
+        assert torch.allclose(out.logits, ref, atol=1e-4, rtol=1e-4), (out.logits - ref).abs().max()
+    finally:
+        ours.set_compression(CompressionConfig())
 
 
 def _stored_tensors(cache: CompressedKVCache):
@@ -169,8 +201,8 @@ def test_bad_prompts_and_mismatched_caches_are_refused(model_pair):
     foreign = other(input_ids=_ids(50)).cache
     with pytest.raises(ValueError, match="belongs to another model"):
         ours(input_ids=_ids(1), cache=foreign, use_cache=True)
-    with pytest.raises(ValueError, match="empty"):
-        ours(input_ids=_ids(1), cache=CompressedKVCache(4), use_cache=True)
+    with pytest.raises(ValueError, match="empty"):  # a prompt given as embeddings cannot be compressed
+        ours(inputs_embeds=torch.zeros(1, 1, 128), cache=CompressedKVCache(4), use_cache=True)
     ids = _ids(30)
     mask = torch.ones_like(ids)
     mask[0, -1] = 0
@@ -205,3 +237,84 @@ def test_tokens_after_the_question_always_continue_through_propagation(model_pai
     assert len(last) == 4 + (n - 120), "thinned to the sinks, the question and its tail"
     assert set(range(120, n)) <= set(last), "the question and everything after it reach the last layer"
     ours.set_compression(CompressionConfig())
+
+
+def _decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, 1 + T, V]``: after the prompt, then after each forced token of ``steps [B, T]``,
+    through direct ``model(...)`` calls that pass the attention mask but no ``position_ids``."""
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    rows = [out.logits[:, -1]]
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=steps[:, t : t + 1], cache=out.cache, attention_mask=mask, use_cache=True)
+        rows.append(out.logits[:, -1])
+    return torch.stack(rows, dim=1).float()
+
+
+@pytest.mark.parametrize("preset", ["default", "fast"])
+@torch.no_grad()
+def test_each_row_of_a_compressed_batch_equals_its_single_prompt_run(model_pair, preset):
+    ours, _ = model_pair
+    ours.set_compression(_config(preset, **(PROPAGATE if preset == "fast" else {})))
+    try:
+        ids, steps = _ids(150, batch=2, seed=4), _ids(5, batch=2, seed=9)
+        got = _decode_logits(ours, ids, torch.ones_like(ids), steps)
+        assert not torch.allclose(got[0], got[1]), "the rows must differ for the check to mean anything"
+        for row in range(2):
+            one = ids[row : row + 1]
+            ref = _decode_logits(ours, one, torch.ones_like(one), steps[row : row + 1])
+            assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_direct_decode_calls_on_a_left_padded_batch_take_positions_from_the_mask(model_pair):
+    # Tier sizes are shared by the batch, so a padded row equals its own run only when every
+    # token is kept at a per-token precision: lossless8 with per-token keys.
+    ours, _ = model_pair
+    ours.set_compression(_config("lossless8", **{"quantizer.key_mode": "token", "quantizer.residual_length": 16}))
+    try:
+        long_, short = _ids(150, seed=1), _ids(110, seed=2)
+        pad = long_.shape[1] - short.shape[1]
+        ids = torch.cat([long_, torch.cat([torch.full((1, pad), 1), short], dim=1)])
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        steps = _ids(5, batch=2, seed=9)
+        got = _decode_logits(ours, ids, mask, steps)
+        for row, prompt in enumerate((long_, short)):
+            ref = _decode_logits(ours, prompt, torch.ones_like(prompt), steps[row : row + 1])
+            assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_a_batch_row_shorter_than_the_default_window_propagates(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("fast", **PROPAGATE))  # window_size 32
+    try:
+        long_, short = _ids(120, seed=1), _ids(20, seed=2)
+        ids = torch.cat([long_, torch.cat([torch.full((1, 100), 1), short], dim=1)])
+        mask = torch.ones_like(ids)
+        mask[1, :100] = 0
+        got = _decode_logits(ours, ids, mask, _ids(2, batch=2, seed=9))
+        ref = _decode_logits(ours, short, torch.ones_like(short), _ids(2, batch=2, seed=9)[1:])
+        assert torch.allclose(got[1], ref[0], atol=1e-4, rtol=1e-4)
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@pytest.mark.parametrize("preset", ["default", "fast"])
+@torch.no_grad()
+def test_a_one_token_prompt_fills_the_cache_and_decodes(model_pair, preset):
+    ours, stock = model_pair
+    ours.set_compression(_config(preset, **(PROPAGATE if preset == "fast" else {})))
+    try:
+        ids = _ids(1)
+        out = ours(input_ids=ids)
+        assert out.cache.tokens_kept_per_layer() == [1, 1, 1, 1]
+        ref = stock.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False), ref)
+    finally:
+        ours.set_compression(CompressionConfig())

@@ -72,10 +72,72 @@ def test_continuation_logprobs_are_exact_for_the_identity_and_close_for_lossless
     got = pipe.continuation_logprobs(PROMPT, cont)
     kl = (ref.exp() * (ref - got)).sum(-1)
     assert float(kl.max()) < 1e-3
+    # Negative control: a config that throws most of the context away fails the same check.
+    pipe.set_config(CompressionConfig.from_preset("default").with_overrides(
+        {"quantizer.residual_length": 0, "quantizer.frac_8bit": 0.0, "quantizer.frac_4bit": 0.0,
+         "quantizer.frac_2bit": 0.1, "quantizer.frac_drop": 0.9}
+    ))
+    broken = pipe.continuation_logprobs(PROMPT, cont)
+    assert float((ref.exp() * (ref - broken)).sum(-1).max()) >= 1e-3
 
 
 def test_seeded_sampling_is_reproducible(pipe):
     a = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
     b = pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, temperature=0.8, top_p=0.9, seed=11)
     assert a.token_ids == b.token_ids
+    # The first draw against a reference written here: nucleus of softmax(logprobs / T), one
+    # multinomial draw from a generator seeded the same way.
+    probs = torch.softmax(a.first_token_logprobs / 0.8, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    n_keep = int((sorted_p.cumsum(0) < 0.9).sum()) + 1  # the smallest set whose mass reaches top_p
+    nucleus = torch.zeros_like(probs)
+    nucleus[order[:n_keep]] = sorted_p[:n_keep]
+    assert 1 < n_keep < probs.numel(), "the nucleus must cut something for the check to mean anything"
+    expected = torch.multinomial(nucleus[None], 1, generator=torch.Generator().manual_seed(11))
+    assert a.token_ids[0] == int(expected)
+    # top_p so small that only the argmax survives: sampling must equal greedy decoding.
+    greedy = pipe.generate(PROMPT, max_new_tokens=5)
+    assert pipe.generate(PROMPT, max_new_tokens=5, do_sample=True, top_p=1e-9, seed=3).token_ids == greedy.token_ids
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"question_span": ("a", "b")}, TypeError, r"question_span must be a \(start, end\) pair of int.*\('a', 'b'\)"),
+        ({"question_span": (True, 5)}, TypeError, "question_span"),
+        ({"question_span": (1, 2, 3)}, TypeError, "question_span"),
+        ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int, got float 2.5"),
+        ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an int"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float 1.5"),
+        ({"truncate": "left"}, ValueError, "truncate must be 'error' or 'middle', got 'left'"),
+    ],
+)
+def test_ill_typed_arguments_are_refused_by_name(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe.generate(PROMPT, **kwargs)
+
+
+@pytest.mark.parametrize(("prompt", "match"), [(["a b", "c d"], "a list of 2 items: call generate once per prompt"), (b"abc", "got bytes")])
+def test_a_prompt_that_is_not_one_str_is_refused(pipe, prompt, match):
+    with pytest.raises(TypeError, match=match):
+        pipe.generate(prompt)
+
+
+def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loading(pipe, monkeypatch):
+    import kvcore.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "resolve_model", lambda *a: pytest.fail("the model was resolved first"))
+    with pytest.raises(TypeError, match="config must be a CompressionConfig or a preset name .* got int 123"):
+        KVCompPipeline.from_pretrained("smollm2-135m", config=123)
+    with pytest.raises(TypeError, match="got dict"):
+        pipe.set_config({"scorer": "snapkv"})
+
+
+@pytest.mark.parametrize("preset", ["default", "compact", "fast"])
+def test_a_one_token_prompt_simply_works(pipe, preset):
+    overrides = {"propagator.keep_ratio_by_layer": {1: 0.5}} if preset == "fast" else {}  # the tiny model has 4 layers
+    pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
+    result = pipe.generate("h", max_new_tokens=3)
+    assert result.prompt_tokens == 1 and len(result.token_ids) >= 1
+    assert result.tokens_kept_per_layer == [1 + len(result.token_ids) - 1] * 4

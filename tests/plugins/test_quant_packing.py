@@ -177,3 +177,59 @@ def test_auto_backend_on_cpu_is_the_torch_reference() -> None:
     assert torch.equal(q.packed, quantize_pack(x, 4, 8, "token").packed)
     with pytest.raises(ValueError, match="backend='cuda'"):
         backends.quantize_pack(x, 4, 8, "token", backend="cuda")  # type: ignore[arg-type]
+
+
+def _np_fp16_directed(v: np.ndarray, down: bool) -> np.ndarray:
+    """Nearest fp16 at or below (``down``) / at or above ``v`` (float32), by stepping NumPy's
+    round-to-nearest result one ulp when it landed on the wrong side."""
+    h = v.astype(np.float16)
+    wrong = (h.astype(np.float32) > v) if down else (h.astype(np.float32) < v)
+    return np.where(wrong, np.nextafter(h, np.float16(-np.inf if down else np.inf)), h)
+
+
+def _np_reference(x: np.ndarray, bits: int, group_size: int, axis: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scale, zero, codes)`` from the definition, in plain NumPy and independent of the code under
+    test: per group zero = min rounded down to fp16, scale = (max - zero) / qmax rounded up to fp16
+    (at least the smallest fp32 when max > zero), code = clamp(floor((x - zero) / scale + 0.5), 0, qmax)."""
+    qmax = np.float32(2**bits - 1)
+    b, h, n, d = x.shape
+    if axis == "token":
+        starts, stat_shape = range(0, d, group_size), (b, h, n, d // group_size)
+    else:
+        starts, stat_shape = range(0, n, group_size), (b, h, -(-n // group_size), d)
+    scale, zero = np.zeros(stat_shape, np.float16), np.zeros(stat_shape, np.float16)
+    codes = np.zeros(x.shape, np.uint8)
+    for gi, s in enumerate(starts):
+        sl = (..., slice(None), slice(s, s + group_size)) if axis == "token" else (..., slice(s, s + group_size), slice(None))
+        g = x[sl]
+        red = -1 if axis == "token" else -2
+        z = _np_fp16_directed(g.min(axis=red), down=True)
+        span = g.max(axis=red) - z.astype(np.float32)
+        with np.errstate(under="ignore"):
+            step = np.where(span > 0, np.maximum(span / qmax, np.float32(1.4e-45)), np.float32(0))
+        sc = _np_fp16_directed(step.astype(np.float32), down=False)
+        sc32, z32 = np.expand_dims(sc.astype(np.float32), red), np.expand_dims(z.astype(np.float32), red)
+        t = (g - z32) / np.where(sc32 > 0, sc32, np.float32(1))
+        codes[sl] = np.clip(np.floor(t + np.float32(0.5)), 0, qmax).astype(np.uint8)
+        if axis == "token":
+            scale[..., gi], zero[..., gi] = sc, z
+        else:
+            scale[..., gi, :], zero[..., gi, :] = sc, z
+    return scale, zero, codes
+
+
+@SETTINGS
+@given(quant_cases())
+def test_scale_zero_and_codes_match_an_independent_numpy_reference(case: tuple[torch.Tensor, int, int, str]) -> None:
+    x, bits, group_size, axis = case
+    q = quantize_pack(x, bits, group_size, axis)
+    x32 = x.to(torch.float32).numpy()
+    scale, zero, codes = _np_reference(x32, bits, group_size, axis)
+    np.testing.assert_array_equal(q.zero.numpy(), zero)
+    np.testing.assert_array_equal(q.scale.numpy(), scale)
+    np.testing.assert_array_equal(unpack_codes(q.packed, bits).numpy(), codes)
+    # The error bound, with the reference's scale: an inflated stored scale cannot loosen it.
+    n, d = x.shape[2], x.shape[3]
+    ref_scale = expand_stats(torch.from_numpy(scale), n, d, group_size, axis).to(torch.float32).numpy()
+    err = np.abs(unpack_dequantize(q, torch.float32).numpy() - x32)
+    assert bool((err <= ref_scale / 2 + 2.0**-20 * (np.abs(x32) + 256 * ref_scale + np.abs(zero).max())).all())

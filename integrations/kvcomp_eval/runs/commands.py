@@ -111,8 +111,13 @@ def _suite_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(f"--suite is required: {SUITE_HELP}")
     if args.out is None:
         raise UsageError("--out DIR is required (results, run.json, summary.md and plots go there)")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     if args.offset < 0:
         raise UsageError(f"--offset must be >= 0, got {args.offset}")
+    from kvcore.loading import check_device
+
+    check_device(args.device)  # before any prompt is built or model loaded
     return BenchSuite.parse(
         args.suite,
         lengths=args.lengths,

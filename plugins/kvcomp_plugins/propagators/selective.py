@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.types import PADDING_POSITION
 
 _TIER_PROTECTED, _TIER_REAL, _TIER_PADDING = 2, 1, 0
@@ -37,6 +38,7 @@ class SelectiveConfig(BaseModel):
     min_keep_tokens: int = Field(
         0,
         ge=0,
+        le=MAX_TOKEN_COUNT,
         description="never thin below this many tokens: prompts up to this length are not thinned at all",
     )
     """Short prompts gain little prefill time from thinning and lose the most fidelity (a quarter

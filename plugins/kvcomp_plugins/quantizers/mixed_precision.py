@@ -16,6 +16,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import backends
 from kvcomp_plugins.quantizers.packing import validate_quant_args
@@ -43,10 +44,10 @@ class TieredQuantizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    group_size: int = Field(32, ge=1, description="G: channels per group (values), tokens per group (channel keys).")
+    group_size: int = Field(32, ge=1, le=1024, description="G: channels per group (values), tokens per group (channel keys).")
     key_mode: Literal["channel", "token"] = Field("channel", description="How keys are grouped.")
-    residual_length: int = Field(128, ge=0, description="R: most recent tokens kept in full precision.")
-    flush_tokens: int | None = Field(None, ge=1, description="Tokens per decode flush; None means group_size.")
+    residual_length: int = Field(128, ge=0, le=MAX_TOKEN_COUNT, description="R: most recent tokens kept in full precision.")
+    flush_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT, description="Tokens per decode flush; None means group_size.")
     flush_bits: BitWidth = Field(8, description="Bit width of tokens flushed from the decode residual.")
     residual_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     backend: Literal["auto", "torch", "triton"] = "auto"

@@ -49,7 +49,7 @@ def _check_odd(kernel: int) -> int:
     return kernel
 
 
-PoolKernel = Annotated[int, Field(ge=1), AfterValidator(_check_odd)]
+PoolKernel = Annotated[int, Field(ge=1, le=1023), AfterValidator(_check_odd)]
 """Width of the 1-D pool along the token axis: an odd integer >= 1 (1 disables pooling)."""
 
 PoolMode = Literal["max", "avg"]

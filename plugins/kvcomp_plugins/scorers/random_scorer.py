@@ -20,7 +20,7 @@ class RandomConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    seed: int = Field(0, ge=0, description="seed; scores depend only on (seed, layer index, shape)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed; scores depend only on (seed, layer index, shape)")
 
 
 class RandomScorer:
