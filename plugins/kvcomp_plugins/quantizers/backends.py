@@ -74,7 +74,6 @@ def attend_tiers(
     rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None, backend: Backend = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Decode attention over packed ``tiers`` (see :func:`.attend.attend_tiers`) with the selected backend."""
-    module = select_backend(backend, rows.device)
-    if module is packing:  # the torch reference lives in its own module
-        return attend.attend_tiers(rows, tiers, padding)
-    return module.attend_tiers(rows, tiers, padding)
+    # The Triton module has no decode kernel yet: the torch path runs on any device.
+    kernel = getattr(select_backend(backend, rows.device), "attend_tiers", attend.attend_tiers)
+    return kernel(rows, tiers, padding)
