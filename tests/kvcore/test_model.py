@@ -182,7 +182,14 @@ def test_same_inputs_give_the_same_cache_bytes(model_pair):
     caches = [ours(input_ids=_ids(180)).cache for _ in range(2)]
     for a, b in zip(*(list(_stored_tensors(c)) for c in caches)):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    # ... and they are the right bytes: layer 0's full-precision keys are the stock model's keys at
+    # those positions (a reference forward with a plain cache), stored as fp16.
     ours.set_compression(CompressionConfig())
+    stock_keys = ours(input_ids=_ids(180), use_cache=True).cache.layers[0].keys
+    layer0 = caches[0].layer(0).compressed
+    pos = layer0.residual_positions.long()
+    ref = stock_keys.gather(2, pos.unsqueeze(-1).expand(*pos.shape, stock_keys.shape[-1])).to(torch.float16)
+    torch.testing.assert_close(layer0.residual_keys, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_non_llama_config_is_refused_with_its_architecture():

@@ -14,7 +14,7 @@ from kvcore.protocols import Quantizer
 from kvcore.registry import ComponentError, ComponentRegistry, get_registry, reset_registry
 from kvcore.types import CompressedLayer, tensor_bytes
 from kvcomp_plugins.quantizers import MixedPrecisionConfig, MixedPrecisionQuantizer, UniformQuantizer
-from kvcomp_plugins.quantizers.packing import error_tolerance
+from kvcomp_plugins.quantizers.packing import error_tolerance, quantize_pack
 from kvcomp_plugins.quantizers.tiers import tier_counts
 
 @pytest.fixture
@@ -171,6 +171,17 @@ def test_same_input_gives_identical_bytes() -> None:
     for x, y in zip(_all_stored_tensors(a), _all_stored_tensors(b), strict=True):
         assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
     assert a.dropped_tokens == b.dropped_tokens
+    # ... and the bytes are the right ones: each tier packs exactly the tokens at its positions
+    # (keys per channel, values per token), the residual holds those tokens unchanged.
+    def at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, pos.long().unsqueeze(-1).expand(*pos.shape, x.shape[-1]))
+
+    assert torch.equal(a.residual_keys, at(keys, a.residual_positions))
+    for tier in a.tiers:
+        ref_k = quantize_pack(at(keys, tier.positions), tier.bits, 32, "channel")
+        ref_v = quantize_pack(at(values, tier.positions), tier.bits, 32, "token")
+        for got, ref in ((tier.keys, ref_k), (tier.values, ref_v)):
+            assert torch.equal(got.packed, ref.packed) and torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
 
 
 def test_without_scores_the_most_recent_candidates_get_the_best_tiers() -> None:
