@@ -3,9 +3,9 @@
 Per layer it holds what prefill compression produced (quantised tiers + a full-precision residual
 of sinks, prompt window and the last prompt tokens). On the first decode step the residual moves
 into a *dense store* with spare room, so generated tokens are written in place rather than
-concatenated each step. When the generated tokens in it exceed the quantizer's
-``residual_length`` (R), the oldest ``flush_tokens`` are quantised and appended to one flushed
-tier. Decode attention then reads the tiers straight from their packed codes and the dense store
+concatenated each step (at most ``DENSE_SPARE_TOKENS`` free slots are held). When the generated
+tokens in it exceed the quantizer's ``residual_length`` (R), the oldest ``flush_tokens`` are
+quantised and appended to one flushed tier. Decode attention then reads the tiers straight from their packed codes and the dense store
 as it is (:meth:`CompressedKVLayer.attend`); no dense copy of the layer is ever built.
 """
 
@@ -22,8 +22,9 @@ from kvcore.decode_attention import attend_dense, merge_into_nonempty, merge_par
 from kvcore.protocols import Quantizer, TierAttention
 from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
 
-DENSE_GROWTH_TOKENS = 32
-"""The dense store grows by this many token slots at a time (they count in ``kv_bytes``)."""
+DENSE_SPARE_TOKENS = 8
+"""Free token slots the dense store keeps at most (they are held, so they count in ``kv_bytes``):
+it grows by this many when full and shrinks back after a flush frees more."""
 
 
 class CompressedKVLayer(CacheLayerMixin):
@@ -102,7 +103,7 @@ class CompressedKVLayer(CacheLayerMixin):
         c = self.compressed
         n = c.residual_keys.shape[-2]
         self.dense_keys, self.dense_values, self.dense_positions = _with_room(
-            c.residual_keys, c.residual_values, c.residual_positions, n + DENSE_GROWTH_TOKENS
+            c.residual_keys, c.residual_values, c.residual_positions, n + DENSE_SPARE_TOKENS
         )
         self.n_dense = self.n_residual = n
         # The stored parts are views now, so nothing is held twice.
@@ -120,13 +121,7 @@ class CompressedKVLayer(CacheLayerMixin):
         assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
         q = keys.shape[-2]
         if self.n_dense + q > self.dense_keys.shape[-2]:
-            self.dense_keys, self.dense_values, self.dense_positions = _with_room(
-                self.dense_keys[..., : self.n_dense, :],
-                self.dense_values[..., : self.n_dense, :],
-                self.dense_positions[..., : self.n_dense],
-                self.n_dense + q + DENSE_GROWTH_TOKENS,
-            )
-            self._refresh_residual_views()
+            self._resize_dense(self.n_dense + q + DENSE_SPARE_TOKENS)
         end = self.n_dense + q
         self.dense_keys[..., self.n_dense : end, :] = keys
         self.dense_values[..., self.n_dense : end, :] = values
@@ -154,6 +149,19 @@ class CompressedKVLayer(CacheLayerMixin):
             self.dense_positions[..., start : start + kept] = self.dense_positions[..., rest].clone()
             self.dense_positions[..., start + kept : self.n_dense] = PADDING_POSITION
             self.n_dense -= n
+        if self.dense_keys.shape[-2] - self.n_dense > DENSE_SPARE_TOKENS + incoming:
+            # Give the flushed slots back: what the cache holds is what kv_bytes reports.
+            self._resize_dense(self.n_dense + incoming + DENSE_SPARE_TOKENS)
+
+    def _resize_dense(self, capacity: int) -> None:
+        assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
+        self.dense_keys, self.dense_values, self.dense_positions = _with_room(
+            self.dense_keys[..., : self.n_dense, :],
+            self.dense_values[..., : self.n_dense, :],
+            self.dense_positions[..., : self.n_dense],
+            capacity,
+        )
+        self._refresh_residual_views()
 
     def _add_flushed(self, tier: KVTier) -> None:
         if self.flushed and _can_extend(self.flushed[-1], tier):

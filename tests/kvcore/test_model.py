@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from kvcore.cache import CompressedKVCache
+from kvcore.cache import DENSE_SPARE_TOKENS, CompressedKVCache
 from kvcore.compressor import RealTimePrefillCompressor
 from kvcore.config import CompressionConfig
 from kvcore.model import CompressedLlamaForCausalLM, check_llama_config
@@ -171,6 +171,8 @@ def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_
     # Flushes aligned with the per-channel key groups extend one tier; unaligned ones stay apart.
     assert all(len(cache.layer(i).flushed) == flushed_tiers for i in range(4))
     assert cache.kv_bytes == sum(tensor_bytes(t) for t in _stored_tensors(cache))
+    # The dense store holds only a few free slots (they are counted), also after flushes freed some.
+    assert all(0 < cache.layer(i).dense_keys.shape[-2] - cache.layer(i).n_dense <= DENSE_SPARE_TOKENS for i in range(4))
     assert cache.kv_bytes < cache.kv_bytes_fp16_full()
     ours.set_compression(CompressionConfig())
 
