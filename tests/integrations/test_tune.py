@@ -155,6 +155,38 @@ def test_fidelity_objective_is_zero_for_the_uncompressed_model(tiny_model_dir: P
     assert lossy.quality == pytest.approx(lossy.kl + lossy.task_loss)
 
 
+def test_a_trial_is_scored_like_a_bench_row(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One config on one prompt: the tuner's KL, agreement and KV fraction are the benchmark row's."""
+    from kvcomp_eval.runs.benchmark import CompressionBenchmark
+    from kvcomp_eval.runs.store import ResultsStore
+    from kvcomp_eval.runs.suite import BenchSuite
+    from kvcomp_eval.tune.settings import TUNING_PROBE_SEED
+    from kvcore.pipeline import KVCompPipeline
+
+    pipe = KVCompPipeline.from_pretrained(str(tiny_model_dir), "full")
+    s = TuneSettings.create(out_dir=tmp_path / "tune", lengths=(LENGTH,), limit=1, kl_steps=4)
+    prompts = build_prompts(s, pipe.tokenizer, pipe.max_prompt_tokens)
+    cheap = CompressionConfig.from_preset("default").with_overrides(
+        {"quantizer.residual_length": 16, "quantizer.frac_8bit": 0.0, "quantizer.frac_4bit": 0.2,
+         "quantizer.frac_2bit": 0.2, "quantizer.frac_drop": 0.6}
+    )
+    trial = FidelityObjective(pipe, prompts, compute_references(pipe, prompts, kl_steps=4)).measure(cheap)
+
+    # The tuning prompt (seed TUNING_PROBE_SEED, index 0, depth 0.5) as a one-example bench suite.
+    suite = BenchSuite.parse("passkey", lengths=[LENGTH], depths=[0.5], seed=TUNING_PROBE_SEED, limit=1)
+    bench = CompressionBenchmark({"cheap": cheap}, suite, tmp_path / "bench", model=str(tiny_model_dir),
+                                 pipeline=pipe, kl_steps=4, progress=False, warmup=False)
+    [example] = bench.examples()
+    assert example == prompts[0].example
+    bench.run()
+    [row] = [r for r in ResultsStore(tmp_path / "bench").rows() if r["config"] == "cheap"]
+    assert trial.kl > 1e-4  # a lossy config: the equalities below compare real numbers, not zeros
+    assert trial.kl == pytest.approx(row["kl_mean"], rel=1e-9, abs=1e-12)
+    assert trial.kl_per_prompt == pytest.approx([row["kl_mean"]], rel=1e-9, abs=1e-12)
+    assert trial.kv_fraction == row["kv_fraction"]
+    assert trial.agreement == row["prefix_agreement"]
+
+
 def test_longbench_suite_and_split(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     data.mkdir()

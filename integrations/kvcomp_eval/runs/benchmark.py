@@ -8,7 +8,8 @@ already written and a rerun with the same arguments resumes where it stopped.
 
 Fidelity to the uncompressed model is measured by teacher forcing: the reference's own greedy
 tokens are fed through each config's cache (:meth:`KVCompPipeline.continuation_logprobs`) and
-``KL(P_full || P_config)`` is taken at each of the first ``kl_steps`` positions. The first
+``KL(P_full || P_config)`` is taken at each of the first ``kl_steps`` positions, by the
+functions of :mod:`.scoring` that ``kvcomp tune`` scores its trials with. The first
 position alone says little for quantisation: the prefill's own last-token logits come from
 full-precision attention inside the prefill, so only later steps read the compressed cache.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,17 +38,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvcomp_eval.data.longbench import DATASET2MAXLEN, LongBenchDataLoader, LongBenchExample
 from kvcomp_eval.data.probes import build_probe
 from kvcomp_eval.evaluators.longbench import LongBenchEvaluator
 from kvcomp_eval.evaluators.probes import ProbeEvaluator
-from kvcomp_eval.metrics.fidelity import greedy_exact_match, next_token_kl, output_rouge_l, prefix_agreement
+from kvcomp_eval.metrics.fidelity import output_rouge_l
 from kvcomp_eval.peers.methods import PRESS_METHODS, PeerMethod, PeersUnavailable, peers_available
 from kvcomp_eval.peers.runner import PeerGenerator
 from kvcomp_eval.runs.report import write_report
+from kvcomp_eval.runs.scoring import compare, generate, run_against_reference, teacher_forced
 from kvcomp_eval.runs.store import REFERENCE, ResultsStore, config_hash, machine_info, peer_hash, row_key
 from kvcomp_eval.runs.suite import BenchExample, BenchSuite
 from kvcore.config import CompressionConfig, ConfigError
@@ -321,17 +322,7 @@ class CompressionBenchmark:
             ]
             stop = None if self.suite.limit is None else self.suite.offset + self.suite.limit
             for ex in probes[self.suite.offset : stop]:
-                out.append(
-                    BenchExample(
-                        example_id=f"{ex.probe}-L{ex.length}-d{ex.depth:g}-i{ex.index}",
-                        task=ex.probe,
-                        prompt=ex.prompt,
-                        question_span=ex.question_span if c.use_question_span else None,
-                        max_new_tokens=ev.max_new_tokens,
-                        prompt_tokens=ex.prompt_tokens,
-                        source=ex,
-                    )
-                )
+                out.append(BenchExample.from_probe(ex, max_new_tokens=ev.max_new_tokens, use_question_span=c.use_question_span))
         else:
             if self._longbench_data is None:
                 self.check()
@@ -340,17 +331,7 @@ class CompressionBenchmark:
                 if floor is not None and (prep.prompt.prompt_tokens < floor or kept[prep.task] == self.suite.limit):
                     continue
                 kept[prep.task] += 1
-                out.append(
-                    BenchExample(
-                        example_id=f"{prep.task}-{prep.example.index}",
-                        task=prep.task,
-                        prompt=prep.prompt.text,
-                        question_span=prep.prompt.question_span if ev.config.use_question_span else None,
-                        max_new_tokens=prep.max_new_tokens,
-                        prompt_tokens=prep.prompt.prompt_tokens,
-                        source=prep,
-                    )
-                )
+                out.append(BenchExample.from_longbench(prep, use_question_span=ev.config.use_question_span))
         if not out:
             raise ValueError(f"suite {self.suite.label} has no examples (check --limit/--offset)")
         return out
@@ -372,14 +353,12 @@ class CompressionBenchmark:
         return self._peer_gen
 
     def _generate(self, name: str, ex: BenchExample) -> GenerationResult:
-        ev = self.evaluator()
         if name in self.peers:
-            return ev.run_prepared(ex.source, generator=self._peer(name))  # type: ignore[arg-type]
-        self._use(name)
-        return ev.run_prepared(ex.source, generator=_Generator(self.pipeline(self.configs[name].weights), 1 << 30))  # type: ignore[arg-type]
+            return self.evaluator().run_prepared(ex.source, generator=self._peer(name))  # type: ignore[arg-type]
+        return generate(self._use(name), ex)
 
     def _generate_with_kl(
-        self, name: str, ex: BenchExample, ref_ids: Sequence[int], ref_lp: torch.Tensor | None
+        self, name: str, ex: BenchExample, ref_ids: Sequence[int], ref_lp: Tensor | None
     ) -> tuple[GenerationResult, list[float]]:
         """The config's generation and KL(full || name) in nats at each of the ``ref_lp.shape[0]``
         teacher-forced positions (none without reference tokens)."""
@@ -393,16 +372,7 @@ class CompressionBenchmark:
             if row.kl_steps is None:
                 raise RuntimeError(f"the peers' runner returned no KL for {name} on {ex.example_id}")
             return row.to_generation_result(), [float(v) for v in row.kl_steps]
-        result = self._generate(name, ex)
-        if ref_lp is None:
-            return result, []
-        return result, [float(v) for v in next_token_kl(ref_lp, self._teacher_forced(name, ex, ref_ids))]
-
-    def _teacher_forced(self, name: str, ex: BenchExample, ref_ids: Sequence[int]) -> torch.Tensor:
-        """Log-probs ``[k, V]`` of the first ``k = min(K, len(ref_ids))`` reference positions."""
-        pipe = self._use(name)
-        k = min(self.kl_steps, len(ref_ids))
-        return pipe.continuation_logprobs(ex.prompt, list(ref_ids[: k - 1]), question_span=ex.question_span)[:k]
+        return run_against_reference(self._use(name), ex, ref_ids, ref_lp)
 
     def _row(
         self,
@@ -422,14 +392,15 @@ class CompressionBenchmark:
             "example_id": ex.example_id,
         }
         row.update({k: v for k, v in base.items() if k not in ("probe",)})
+        fidelity = compare(ref_ids, result, kl or [])
         row["prompt_tokens"] = result.prompt_tokens
-        row["kv_fraction"] = result.kv_bytes / result.kv_bytes_fp16_full
+        row["kv_fraction"] = fidelity.kv_fraction
         row["token_ids"] = list(result.token_ids)
-        row["kl_mean"] = float(statistics.fmean(kl)) if kl else 0.0
-        row["kl_first"] = float(kl[0]) if kl else 0.0
-        row["kl_per_step"] = kl if kl is not None else [0.0] * min(self.kl_steps, len(ref_ids))
-        row["exact_match"] = greedy_exact_match(ref_ids, result.token_ids)
-        row["prefix_agreement"] = prefix_agreement(ref_ids, result.token_ids)
+        row["kl_mean"] = fidelity.kl_mean
+        row["kl_first"] = fidelity.kl_first
+        row["kl_per_step"] = fidelity.kl_per_step if kl is not None else [0.0] * min(self.kl_steps, len(ref_ids))
+        row["exact_match"] = fidelity.exact_match
+        row["prefix_agreement"] = fidelity.prefix_agreement
         # Identical outputs agree fully even when they hold no word ROUGE could count.
         same_text = result.text == reference["prediction"]
         row["rouge_l_ref"] = 1.0 if same_text else output_rouge_l(str(reference["prediction"]), result.text)
@@ -489,7 +460,7 @@ class CompressionBenchmark:
                         if not others:
                             continue
                         ref_ids = list(reference["token_ids"])
-                        ref_lp = self._teacher_forced(REFERENCE, ex, ref_ids) if ref_ids else None
+                        ref_lp = teacher_forced(self._use(REFERENCE), ex, ref_ids, self.kl_steps)
                         for name in others:
                             bar.set_postfix_str(f"{ex.example_id} {name}", refresh=False)
                             result, kl = self._generate_with_kl(name, ex, ref_ids, ref_lp)

@@ -166,6 +166,32 @@ class BenchExample:
     prompt_tokens: int
     source: ProbeExample | PreparedExample
 
+    @classmethod
+    def from_probe(cls, probe: ProbeExample, *, max_new_tokens: int, use_question_span: bool = True) -> "BenchExample":
+        """One probe prompt as the benchmark and the tuner run it."""
+        return cls(
+            example_id=f"{probe.probe}-L{probe.length}-d{probe.depth:g}-i{probe.index}",
+            task=probe.probe,
+            prompt=probe.prompt,
+            question_span=probe.question_span if use_question_span else None,
+            max_new_tokens=max_new_tokens,
+            prompt_tokens=probe.prompt_tokens,
+            source=probe,
+        )
+
+    @classmethod
+    def from_longbench(cls, prepared: PreparedExample, *, use_question_span: bool = True) -> "BenchExample":
+        """One prepared LongBench row (prompt built and cut) as the benchmark and the tuner run it."""
+        return cls(
+            example_id=f"{prepared.task}-{prepared.example.index}",
+            task=prepared.task,
+            prompt=prepared.prompt.text,
+            question_span=prepared.prompt.question_span if use_question_span else None,
+            max_new_tokens=prepared.max_new_tokens,
+            prompt_tokens=prepared.prompt.prompt_tokens,
+            source=prepared,
+        )
+
 
 def parse_number_list(text: str, kind: Callable[[str], Any], what: str) -> list[Any]:
     """``"500,1000"`` -> ``[500, 1000]``; names the bad item otherwise."""

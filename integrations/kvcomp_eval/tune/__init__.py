@@ -7,5 +7,6 @@
 - :mod:`.outputs`: ``trials.csv``, ``pareto.md``, ``best.yaml``;
 - :mod:`.run`: :func:`~.run.run_tuning`; :mod:`.commands`: the CLI command.
 
-Imports :mod:`kvcomp_eval.data`, :mod:`.metrics` and :mod:`kvcore`.
+Imports :mod:`kvcomp_eval.data`, :mod:`kvcomp_eval.runs.suite` and :mod:`kvcomp_eval.runs.scoring`
+(a trial is scored by the benchmark's own code) and :mod:`kvcore`.
 """

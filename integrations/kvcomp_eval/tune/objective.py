@@ -1,4 +1,12 @@
-"""Tuning prompts, the uncompressed references and the fidelity objective a trial is scored by."""
+"""Tuning prompts, the uncompressed references and the fidelity objective a trial is scored by.
+
+A tuning prompt is a :class:`~kvcomp_eval.runs.suite.BenchExample` built by the same
+constructors as the benchmark's, and references and trials are run and compared by
+:mod:`kvcomp_eval.runs.scoring`, the code ``kvcomp bench`` writes its rows with: a trial's KL,
+agreement and KV fraction on a prompt are the ``kl_mean``, ``prefix_agreement`` and
+``kv_fraction`` a benchmark row of that prompt and config holds. Only the prompts differ (the
+tuning side of the split) and the aggregation into one objective.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvcomp_eval.metrics.fidelity import next_token_kl, prefix_agreement
+from kvcomp_eval.runs.scoring import compare, generate, run_against_reference, teacher_forced
+from kvcomp_eval.runs.suite import BenchExample
 from kvcore.config import CompressionConfig
 
 if TYPE_CHECKING:
-    pass
-
     from kvcore.pipeline import KVCompPipeline
 from kvcomp_eval.tune.settings import KL_CAP_NATS, TUNING_PROBE_SEED, TuneError, TuneSettings
 from kvcomp_eval.tune.study import _digest
@@ -31,17 +38,28 @@ class TuningPrompt:
 
     Attributes:
         key: stable name, e.g. ``passkey/500/3``.
-        text: complete model input.
-        question_span: character range ``[start, end)`` of the question, or ``None``.
-        max_new_tokens: tokens generated per trial (task answer and cost).
+        example: the prompt as the benchmark would run it (text, question span, tokens to generate).
         score: maps the generated text to a task score in [0, 1]; ``None`` where none is computed.
     """
 
     key: str
-    text: str
-    question_span: tuple[int, int] | None
-    max_new_tokens: int
+    example: BenchExample
     score: Callable[[str], float] | None = None
+
+    @property
+    def text(self) -> str:
+        """Complete model input."""
+        return self.example.prompt
+
+    @property
+    def question_span(self) -> tuple[int, int] | None:
+        """Character range ``[start, end)`` of the question, or ``None``."""
+        return self.example.question_span
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens generated per trial (task answer and cost)."""
+        return self.example.max_new_tokens
 
 
 def build_prompts(settings: TuneSettings, tokenizer: Any, max_prompt_tokens: int | None = None) -> list[TuningPrompt]:
@@ -64,7 +82,7 @@ def build_prompts(settings: TuneSettings, tokenizer: Any, max_prompt_tokens: int
     prompts: list[TuningPrompt] = []
     task = settings.longbench_task
     if task is not None:
-        from kvcomp_eval.data.longbench import LongBenchDataLoader, prepare_prompt
+        from kvcomp_eval.data.longbench import LongBenchDataLoader, PreparedExample, prepare_prompt
 
         loader = LongBenchDataLoader(settings.data_dir, offset=settings.offset, limit=settings.limit)
         examples = loader.load(task)
@@ -74,8 +92,8 @@ def build_prompts(settings: TuneSettings, tokenizer: Any, max_prompt_tokens: int
             )
         for length in settings.lengths:
             for ex in examples:
-                p = prepare_prompt(ex, task, tokenizer, length)
-                prompts.append(TuningPrompt(f"{task}/{length}/{ex.index}", p.text, p.question_span, settings.kl_steps))
+                prepared = PreparedExample(task, ex, prepare_prompt(ex, task, tokenizer, length), settings.kl_steps)
+                prompts.append(TuningPrompt(f"{task}/{length}/{ex.index}", BenchExample.from_longbench(prepared)))
         return prompts
     filler = Filler.from_dir(settings.data_dir) if settings.data_dir is not None else None
     n_new = max(settings.kl_steps, DEFAULT_MAX_NEW_TOKENS[settings.suite])
@@ -91,7 +109,8 @@ def build_prompts(settings: TuneSettings, tokenizer: Any, max_prompt_tokens: int
                 seed=TUNING_PROBE_SEED,
                 filler=filler,
             )
-            prompts.append(TuningPrompt(f"{settings.suite}/{length}/{index}", probe.prompt, probe.question_span, n_new, probe.score))
+            example = BenchExample.from_probe(probe, max_new_tokens=n_new)
+            prompts.append(TuningPrompt(f"{settings.suite}/{length}/{index}", example, probe.score))
     return prompts
 
 
@@ -101,13 +120,14 @@ class Reference:
 
     Attributes:
         tokens: its first ``T <= kl_steps`` greedy tokens (fewer when it stops at EOS).
-        logprobs: ``[T, V]`` float32 log-probabilities after the prompt and after each of ``tokens[:-1]``.
+        logprobs: ``[T, V]`` float32 log-probabilities after the prompt and after each of
+            ``tokens[:-1]`` (:func:`~kvcomp_eval.runs.scoring.teacher_forced`); ``None`` when ``T = 0``.
         generated: every token of its greedy generation (``max_new_tokens`` at most).
         score: its task score, or ``None``.
     """
 
     tokens: list[int]
-    logprobs: Tensor
+    logprobs: Tensor | None
     generated: list[int]
     score: float | None
 
@@ -117,9 +137,12 @@ class TrialMeasurement:
     """What one config did on the tuning prompts.
 
     Attributes:
-        kl: mean over prompts of the mean teacher-forced KL(P_ref || P_trial), nats.
-        agreement: mean share of the reference's generated tokens reproduced before the first difference.
-        kv_fraction: stored KV bytes / fp16 bytes of the same tokens, summed over prompts.
+        kl: mean over prompts of the mean teacher-forced KL(P_ref || P_trial), nats (a benchmark
+            row's ``kl_mean``; each prompt's value capped at :data:`KL_CAP_NATS`).
+        agreement: mean share of the reference's generated tokens reproduced before the first
+            difference (a row's ``prefix_agreement``).
+        kv_fraction: mean over prompts of stored KV bytes / fp16 bytes of the same tokens (a row's
+            ``kv_fraction``).
         task_score: mean task score, or ``None`` where the suite has none.
         task_loss: mean over prompts of ``max(0, reference score - trial score)``, or ``None``.
         quality: ``kl + task_weight * task_loss`` (the fidelity objective).
@@ -167,19 +190,17 @@ class FidelityObjective:
         self.pipeline.set_config(config)
         kls: list[float] = []
         agreements: list[float] = []
+        fractions: list[float] = []
         scores: list[float] = []
         losses: list[float] = []
-        kv_bytes = fp16_bytes = 0
         for prompt, ref in zip(self.prompts, self.references):
-            logprobs = self.pipeline.continuation_logprobs(prompt.text, ref.tokens[:-1], question_span=prompt.question_span)
-            kl = next_token_kl(ref.logprobs, logprobs).mean().item()
+            result, kl_steps = run_against_reference(self.pipeline, prompt.example, ref.generated, ref.logprobs)
+            fidelity = compare(ref.generated, result, kl_steps)
+            kl = fidelity.kl_mean
+            # One diverging prompt must not make the whole objective inf/nan for the sampler.
             kls.append(min(kl, KL_CAP_NATS) if math.isfinite(kl) else KL_CAP_NATS)
-            result = self.pipeline.generate(
-                prompt.text, question_span=prompt.question_span, max_new_tokens=prompt.max_new_tokens
-            )
-            kv_bytes += result.kv_bytes
-            fp16_bytes += result.kv_bytes_fp16_full
-            agreements.append(prefix_agreement(ref.generated, result.token_ids))
+            agreements.append(fidelity.prefix_agreement)
+            fractions.append(fidelity.kv_fraction)
             if prompt.score is not None and ref.score is not None:
                 score = prompt.score(result.text)
                 scores.append(score)
@@ -189,7 +210,7 @@ class FidelityObjective:
         return TrialMeasurement(
             kl=kl_mean,
             agreement=sum(agreements) / len(agreements),
-            kv_fraction=kv_bytes / fp16_bytes,
+            kv_fraction=sum(fractions) / len(fractions),
             task_score=sum(scores) / len(scores) if scores else None,
             task_loss=task_loss,
             quality=kl_mean + self.task_weight * (task_loss or 0.0),
@@ -200,13 +221,13 @@ class FidelityObjective:
 def compute_references(
     pipeline: "KVCompPipeline", prompts: Sequence[TuningPrompt], kl_steps: int, progress: bool = False
 ) -> list[Reference]:
-    """Run the uncompressed model (``full`` preset) once per prompt."""
+    """Run the uncompressed model (``full`` preset) once per prompt, as the benchmark runs its ``full`` rows."""
     pipeline.set_config(CompressionConfig.from_preset("full"))
     refs = []
     for prompt in tqdm(prompts, desc="reference", unit="prompt", disable=not progress, leave=False):
-        result = pipeline.generate(prompt.text, question_span=prompt.question_span, max_new_tokens=prompt.max_new_tokens)
-        tokens = result.token_ids[:kl_steps]
-        logprobs = pipeline.continuation_logprobs(prompt.text, tokens[:-1], question_span=prompt.question_span)
+        result = generate(pipeline, prompt.example)
+        tokens = list(result.token_ids[:kl_steps])
+        logprobs = teacher_forced(pipeline, prompt.example, result.token_ids, kl_steps)
         score = prompt.score(result.text) if prompt.score is not None else None
         refs.append(Reference(tokens=tokens, logprobs=logprobs, generated=list(result.token_ids), score=score))
     return refs
@@ -234,8 +255,14 @@ def load_or_compute_references(
         except Exception:  # an unreadable cache is recomputed, never trusted
             stored = None
         if isinstance(stored, dict) and stored.get("fingerprint") == fingerprint:
+            # An empty reference has no position to compare (older files hold one row of log-probs for it).
             return [
-                Reference(tokens=list(r["tokens"]), logprobs=r["logprobs"], generated=list(r["generated"]), score=r["score"])
+                Reference(
+                    tokens=list(r["tokens"]),
+                    logprobs=r["logprobs"] if r["tokens"] else None,
+                    generated=list(r["generated"]),
+                    score=r["score"],
+                )
                 for r in stored["references"]
             ]
     refs = compute_references(pipeline, prompts, kl_steps, progress)

@@ -13,7 +13,11 @@ Objectives (smaller is better):
   KL(P_ref || P_trial) over the first ``kl_steps`` positions is taken, plus
   ``task_weight`` times the task answers lost against the uncompressed model (probes only).
 - **cost**: KV fraction, the stored KV bytes over the fp16 bytes of the same tokens, read
-  from :class:`~kvcore.types.GenerationResult` (real ``nbytes``).
+  from :class:`~kvcore.types.GenerationResult` (real ``nbytes``), averaged over the prompts.
+
+Both are taken by :mod:`kvcomp_eval.runs.scoring`, the code ``kvcomp bench`` writes its rows
+with: per prompt, a trial's KL, agreement and KV fraction are that row's ``kl_mean``,
+``prefix_agreement`` and ``kv_fraction``.
 
 Single-objective samplers (``random``, ``tpe``, ``cmaes``) minimise
 ``quality + penalty * max(0, kv_fraction - max_kv_fraction)``; multi-objective runs
