@@ -71,9 +71,13 @@ def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend =
 
 
 def attend_tiers(
-    rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None, backend: Backend = "auto"
+    rows: Tensor,
+    tiers: Sequence[KVTier],
+    padding: Sequence[Tensor | None] | None,
+    backend: Backend = "auto",
+    scratch: attend.Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention over packed ``tiers`` (see :func:`.attend.attend_tiers`) with the selected backend."""
     # The Triton module has no decode kernel yet: the torch path runs on any device.
     kernel = getattr(select_backend(backend, rows.device), "attend_tiers", attend.attend_tiers)
-    return kernel(rows, tiers, padding)
+    return kernel(rows, tiers, padding, scratch)

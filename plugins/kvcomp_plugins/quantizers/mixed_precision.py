@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
-from kvcomp_plugins.quantizers import backends
+from kvcomp_plugins.quantizers import attend, backends
 from kvcomp_plugins.quantizers.packing import validate_quant_args
 from kvcomp_plugins.quantizers.tiers import gather_tokens, split_tokens
 
@@ -114,6 +114,9 @@ class MixedPrecisionQuantizer:
         self.flush_tokens: int = self.config.flush_tokens or self.config.group_size
         self.tier_fractions = self.config.tier_fractions()
         self.residual_dtype = _DTYPES[self.config.residual_dtype]
+        # Decode staging buffers, shared by the layers of the model this quantizer serves (one
+        # layer attends at a time; not for concurrent use from several threads).
+        self._scratch = attend.Scratch()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -176,7 +179,7 @@ class MixedPrecisionQuantizer:
         self, rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None = None
     ) -> tuple[Tensor, Tensor]:
         """Decode attention straight from the packed ``tiers`` (:class:`kvcore.protocols.TierAttention`)."""
-        return backends.attend_tiers(rows, tiers, padding, self.config.backend)
+        return backends.attend_tiers(rows, tiers, padding, self.config.backend, self._scratch)
 
     def _quantize_tier(self, keys: Tensor, values: Tensor, positions: Tensor, bits: int) -> KVTier:
         """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""
