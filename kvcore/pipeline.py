@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -132,13 +133,17 @@ class KVCompPipeline:
         top_p: float = 1.0,
         seed: int | None = None,
         truncate: Literal["error", "middle"] = "error",
+        stop: Sequence[str] = (),
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS).
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS or a stop string).
 
-        One prompt per call; for a batch, call ``self.model.generate`` on left-padded ``input_ids``.
+        ``stop``: strings that end decoding as soon as the decoded text contains one; the text is
+        cut before the earliest of them (``token_ids`` keep every generated token). One prompt
+        per call; for a batch, call ``self.model.generate`` on left-padded ``input_ids``.
         """
         check_prompt(prompt, question_span)
         _check_int("max_new_tokens", max_new_tokens, minimum=1)
+        stop = check_stop_strings(stop)
         if seed is not None:
             _check_int("seed", seed, minimum=0)
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -162,8 +167,14 @@ class KVCompPipeline:
 
         generated = [int(token)]
         eos = _eos_ids(self.tokenizer, self.model)
+
+        def stopped() -> bool:
+            # The whole text is decoded each step: a stop string may span tokens, and a token's
+            # text can depend on its neighbours. Cheap next to a decode step.
+            return bool(stop) and cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop) is not None
+
         decode_start = time.perf_counter()
-        while len(generated) < max_new_tokens and generated[-1] not in eos:
+        while len(generated) < max_new_tokens and generated[-1] not in eos and not stopped():
             out = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True)
             token = _next_token(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
             generated.append(int(token))
@@ -178,8 +189,10 @@ class KVCompPipeline:
             kv_bytes = sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
             kept = [layer.keys.shape[-2] for layer in cache.layers]
         text_ids = [t for t in generated if t not in eos]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        cut = cut_at_stop(text, stop)
         return GenerationResult(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            text=text if cut is None else text[:cut],
             token_ids=generated,
             prompt_tokens=n_prompt,
             kv_bytes=kv_bytes,
@@ -289,3 +302,16 @@ def peak_memory_bytes(device: torch.device | str) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak_kib * (1 if sys.platform == "darwin" else 1024))
+
+
+def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+    """``stop`` as a tuple of non-empty strings; a bare string is refused (it would stop at each character)."""
+    if isinstance(stop, str) or not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r:.80}")
+    return tuple(stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest occurrence in ``text`` of any of the ``stop`` strings, or ``None``."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None

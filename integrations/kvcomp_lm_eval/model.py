@@ -208,7 +208,11 @@ class KVCompLM(LM):
             prompt = self._fit_prompt(context, options["max_new_tokens"])
             span = self._question_span(getattr(request, "doc", None), prompt)
             seed = self.args.seed + i if options["do_sample"] else None
-            result = self.pipeline.generate(prompt, question_span=span, seed=seed, truncate=self.args.truncate, **options)
+            # Decoding ends at the first stop string (not after max_gen_toks); the cut is then a no-op
+            # kept for texts whose stop string only appears once EOS tokens are dropped.
+            result = self.pipeline.generate(
+                prompt, question_span=span, seed=seed, truncate=self.args.truncate, stop=until, **options
+            )
             text = cut_at_stop(result.text, until)
             cost.add(result.kv_bytes, result.kv_bytes_fp16_full, result.ttft_s)
             self.cache_hook.add_partial("generate_until", request.args, text)

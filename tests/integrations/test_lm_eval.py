@@ -269,6 +269,10 @@ def test_generate_until_respects_until_and_max_gen_toks(
     expected = free[: free.find(stop)]
     cut = lm_default.generate_until([_instance("generate_until", (context, {"until": [stop], "max_gen_toks": 12}))])[0]
     assert cut == expected
+    # The stop string ends decoding itself: fewer tokens than the free run, not 12 then a cut.
+    assert calls[-1][0]["stop"] == [stop]
+    assert len(calls[-1][1].token_ids) <= len(calls[-2][1].token_ids)
+    assert calls[-1][1].text == expected
     # until given as a bare string, and no max_gen_toks -> the model_args default
     lm_default.generate_until([_instance("generate_until", (context, {"until": stop}))])
     assert calls[-1][0]["max_new_tokens"] == lm_default.args.max_gen_toks

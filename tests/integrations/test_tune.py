@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +293,70 @@ def test_group_size_that_does_not_divide_head_dim_is_refused() -> None:
     with pytest.raises(ValueError, match="group_size=64 does not divide the model's head_dim=32"):
         build_trial_config(CompressionConfig.from_preset("default"), overrides, num_layers=4, head_dim=32)
     assert SearchSpace(num_layers=2, head_dim=32).propagation_layers is None
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Any:
+    """A throw-away PostgreSQL server on loopback for this module; skipped only where none can run."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver comes with the tune extra: pip install 'kvcomp[tune]'")
+    from pg_server import PostgresUnavailable, find_bin_dir, postgres_server
+
+    try:
+        find_bin_dir()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        with postgres_server() as server:
+            yield server.url("psycopg")
+    except PostgresUnavailable as exc:  # no account to run the server as
+        pytest.skip(str(exc))
+
+
+def start_worker(model_dir: Path, out: Path, storage: str, seed: int, trials: int) -> subprocess.Popen[str]:
+    """``kvcomp tune`` in its own process, as a worker on another machine would run it."""
+    args = base_args(model_dir, out, "random", trials)
+    args += ["--objectives", "multi", "--storage", storage, "--study-name", "shared", "--seed", str(seed), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers on shared cores
+    code = "import sys; from kvcore.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "tune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_workers_share_a_postgresql_study(postgres_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    workers = [start_worker(tiny_model_dir, tmp_path / f"worker{i}", postgres_url, seed=i, trials=2) for i in range(2)]
+    records = [finish(w) for w in workers]
+    numbers = [n for r in records for n in r["trials_run"]]
+    # Distinct numbers, none lost: the two workers' trials are exactly 0..3 between them.
+    assert sorted(numbers) == [0, 1, 2, 3] and all(len(r["trials_run"]) == 2 for r in records)
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    # Each worker's folder holds the study as of its own last trial: its own trials and the
+    # other's finished by then (the worker that ends last sees all four).
+    seen = [[int(r["number"]) for r in read_trials(tmp_path / f"worker{i}")] for i in range(2)]
+    for i in range(2):
+        assert set(records[i]["trials_run"]) <= set(seen[i]) and seen[i] == sorted(seen[i])
+    assert max(len(s) for s in seen) == 4
+    # The Pareto front reads back from the server.
+    complete = [t.number for t in study.trials if t.state.name == "COMPLETE"]
+    front = sorted(t.number for t in study.best_trials)
+    assert set(front) <= set(complete) and bool(front) == bool(complete)
+    # A third process resumes the study where the two left it.
+    third = finish(start_worker(tiny_model_dir, tmp_path / "worker2", postgres_url, seed=2, trials=1))
+    assert third["trials_run"] == [4]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    assert len(study.trials) == 5
+    front = sorted(t.number for t in study.best_trials)
+    assert sorted(third["pareto_trials"] or []) == front
+    if front:
+        assert (tmp_path / "worker2" / "pareto.md").is_file()
+    summary = json.loads((tmp_path / "worker2" / "summary.json").read_text())
+    assert summary["n_trials"] == 5 and summary["pareto_trials"] == third["pareto_trials"]
+    assert postgres_url.split("@")[0].split(":")[-1] not in json.dumps(third)  # the password is not printed

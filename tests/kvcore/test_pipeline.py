@@ -141,3 +141,23 @@ def test_a_one_token_prompt_simply_works(pipe, preset):
     result = pipe.generate("h", max_new_tokens=3)
     assert result.prompt_tokens == 1 and len(result.token_ids) >= 1
     assert result.tokens_kept_per_layer == [1 + len(result.token_ids) - 1] * 4
+
+
+def test_stop_strings_end_decoding(pipe):
+    free = pipe.generate(PROMPT, max_new_tokens=12)
+    ids = free.token_ids
+    assert len(ids) >= 4 and 2 not in ids  # no EOS: the run went the full length
+    k = len(ids) // 2
+    stop = pipe.tokenizer.decode(ids[k - 1 : k + 1])  # spans two tokens
+    needed = next(n for n in range(1, len(ids) + 1) if stop in pipe.tokenizer.decode(ids[:n]))
+    got = pipe.generate(PROMPT, max_new_tokens=12, stop=["never appears \x7f", stop])
+    # Decoding ended at the token that completed the stop string, well before max_new_tokens.
+    assert got.token_ids == ids[:needed] and needed < len(ids)
+    assert got.text == free.text[: free.text.find(stop)]
+    assert pipe.generate(PROMPT, max_new_tokens=12, stop=["never appears \x7f"]).token_ids == ids
+
+
+@pytest.mark.parametrize("bad", ["x", [""], [3], None])
+def test_bad_stop_strings_are_refused(pipe, bad):
+    with pytest.raises(ValueError, match="stop must be a sequence of non-empty strings"):
+        pipe.generate(PROMPT, max_new_tokens=2, stop=bad)

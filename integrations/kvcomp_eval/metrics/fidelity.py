@@ -6,11 +6,12 @@ uncompressed model's is measurable at every length:
 - next-token KL(P_ref || P_cmp) at the end of prefill (nats);
 - greedy agreement: exact match of the generated token ids, and the common prefix length
   divided by the reference length;
-- ROUGE-L between the compressed and the reference output texts.
+- ROUGE-L (plain LCS F1 over words) between the compressed and the reference output texts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvcomp_eval.metrics.tasks import rouge_l_score
 from kvcore.types import GenerationResult
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "greedy_exact_match",
     "prefix_agreement",
     "output_rouge_l",
+    "rouge_l_from_tokens",
     "FidelityMetrics",
 ]
 
@@ -82,9 +83,41 @@ def prefix_agreement(ref_ids: Sequence[int], cmp_ids: Sequence[int]) -> float:
     return common / len(ref)
 
 
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    # One DP row over the shorter sequence: O(len(a) * len(b)) time, O(min) memory.
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_from_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    """ROUGE-L F1 = 2PR/(P+R) with P = LCS/len(pred), R = LCS/len(gold); 0 if either is empty."""
+    if not pred_tokens or not gold_tokens:
+        return 0.0
+    lcs = _lcs_length(pred_tokens, gold_tokens)
+    if lcs == 0:
+        return 0.0
+    precision = lcs / len(pred_tokens)
+    recall = lcs / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
 def output_rouge_l(ref_text: str, cmp_text: str) -> float:
-    """ROUGE-L F1 of the compressed output against the reference output."""
-    return rouge_l_score(cmp_text, ref_text)
+    """ROUGE-L F1 (plain LCS F1 over lowercase alphanumeric words) of the compressed output against the reference.
+
+    A similarity of two generations, not a LongBench score: it needs no lm-eval and is
+    symmetric (the LongBench ``rouge_l`` in :mod:`.tasks` is neither).
+    """
+    return rouge_l_from_tokens(_WORD.findall(cmp_text.lower()), _WORD.findall(ref_text.lower()))
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,43 @@
-"""LongBench v1 answer metrics, written from their published definitions.
+"""LongBench v1 answer metrics: lm-eval's implementation, the one source of truth.
 
 Every metric takes one prediction and one gold answer and returns a score in ``[0, 1]``
 (LongBench reports them x100). :func:`score_prediction` applies LongBench's per-task
 post-processing and takes the best score over all gold answers.
 
+Why lm-eval's and not our own: ``kvcomp-llama`` runs LongBench through lm-eval
+(``lm_eval --tasks longbench*``), and ``kvcomp eval`` must give the same number for the same
+prediction. lm-eval 0.4.13's ``lm_eval.tasks.longbench.metrics`` is LongBench's own
+``metrics.py``, and its ROUGE-L comes from the ``rouge`` package: sentences split at ".",
+summary-level union LCS, case kept, punctuation left on the words, and an F-measure with
+beta = P/R rather than plain F1. An independent copy would have to follow each of those
+details, and it would drift whenever lm-eval fixes one. So these functions call lm-eval's,
+and the eval extra (``pip install 'kvcomp[eval]'``) pins lm-eval to the version tested
+(``tests/integrations/test_metrics.py`` checks :func:`score_prediction` equals lm-eval's
+``process_results`` on every row of the shared LongBench data). lm-eval is imported on the
+first score, so importing :mod:`kvcomp_eval` without the eval extra still works.
+
 - ``qa_f1``: token F1 after SQuAD-style normalisation (lowercase, no punctuation, no articles).
-- ``rouge_l``: ROUGE-L F1, longest common subsequence of lowercase alphanumeric tokens.
+- ``rouge_l``: ROUGE-L F of the ``rouge`` package (see above).
 - ``classification``: the class names found in the prediction, minus those that are only part
   of the gold name; 1/(number found) if the gold class is among them, else 0.
 - ``retrieval``: share of the numbers in the prediction that equal the gold paragraph number.
 - ``count``: share of the numbers in the prediction that equal the gold count.
-- ``code_sim``: edit similarity (fuzzywuzzy ``ratio``) between the first line of the prediction
-  that is not a comment or code fence and the gold line.
-- ``exact_match``: normalised prediction equals normalised answer.
+- ``code_sim``: edit similarity (fuzzywuzzy ``ratio``) between the first non-blank line of the
+  prediction that is not a comment or code fence and the gold line.
 - ``qa_f1_zh`` / ``rouge_l_zh``: as above on words cut by ``jieba`` (Chinese tasks).
+- ``exact_match`` (not a LongBench metric, no lm-eval counterpart): normalised prediction
+  equals normalised answer.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 import string
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Protocol
 
 __all__ = [
@@ -37,7 +52,7 @@ __all__ = [
     "qa_f1_zh_score",
     "rouge_l_score",
     "rouge_l_zh_score",
-    "rouge_l_from_tokens",
+    "lm_eval_metrics",
     "classification_score",
     "retrieval_score",
     "retrieval_zh_score",
@@ -78,78 +93,38 @@ def normalize_zh_answer(text: str) -> str:
     return "".join(ch for ch in text if ch not in _ZH_PUNCTUATION and not ch.isspace())
 
 
-def _token_f1(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
-    common = Counter(pred_tokens) & Counter(gold_tokens)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+@functools.cache
+def lm_eval_metrics() -> ModuleType:
+    """lm-eval's ``lm_eval.tasks.longbench.metrics`` (imported once, on first use)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fuzzywuzzy: "using slow pure-python SequenceMatcher"
+            return importlib.import_module("lm_eval.tasks.longbench.metrics")
+    except ImportError as exc:
+        raise ImportError(
+            "LongBench metrics come from lm-eval's longbench task: pip install 'kvcomp[eval]' "
+            f"(lm_eval[longbench]==0.4.13): {exc}"
+        ) from exc
 
 
 def qa_f1_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
     """Token F1 between the normalised prediction and answer."""
-    return _token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
-
-
-def _jieba_words(text: str) -> list[str]:
-    try:
-        import jieba
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Chinese LongBench metrics need the 'jieba' package (pip install 'kvcomp[eval]')"
-        ) from exc
-    jieba.setLogLevel(60)  # jieba prints its dictionary loading to stderr otherwise
-    words = (normalize_zh_answer(w) for w in jieba.cut(text, cut_all=False))
-    return [w for w in words if w]
+    return float(lm_eval_metrics().qa_f1_score(prediction, ground_truth))
 
 
 def qa_f1_zh_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
     """Token F1 over jieba words after Chinese normalisation."""
-    return _token_f1(_jieba_words(prediction), _jieba_words(ground_truth))
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    # One DP row over the shorter sequence: O(len(a) * len(b)) time, O(min) memory.
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l_from_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
-    """ROUGE-L F1 = 2PR/(P+R) with P = LCS/len(pred), R = LCS/len(gold); 0 if either is empty."""
-    if not pred_tokens or not gold_tokens:
-        return 0.0
-    lcs = _lcs_length(pred_tokens, gold_tokens)
-    if lcs == 0:
-        return 0.0
-    precision = lcs / len(pred_tokens)
-    recall = lcs / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def _rouge_tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return float(lm_eval_metrics().qa_f1_zh_score(prediction, ground_truth))
 
 
 def rouge_l_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
-    """ROUGE-L F1 over lowercase alphanumeric tokens."""
-    return rouge_l_from_tokens(_rouge_tokens(prediction), _rouge_tokens(ground_truth))
+    """ROUGE-L F of the ``rouge`` package, as LongBench scores summaries (0 for an empty text)."""
+    return float(lm_eval_metrics().rouge_score(prediction, ground_truth))
 
 
 def rouge_l_zh_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
-    """ROUGE-L F1 over jieba words."""
-    return rouge_l_from_tokens(_jieba_words(prediction), _jieba_words(ground_truth))
+    """ROUGE-L F over jieba words."""
+    return float(lm_eval_metrics().rouge_zh_score(prediction, ground_truth))
 
 
 def classification_score(
@@ -162,66 +137,33 @@ def classification_score(
     """
     if not all_classes:
         raise ValueError("classification_score needs the task's all_classes, got none")
-    found = [c for c in all_classes if c in prediction]
-    found = [c for c in found if not (c in ground_truth and c != ground_truth)]
-    if ground_truth not in found:
-        return 0.0
-    return 1.0 / len(found)
-
-
-def _number_share(prediction: str, gold: str) -> float:
-    numbers = re.findall(r"\d+", prediction)
-    if not numbers:
-        return 0.0
-    return sum(n == gold for n in numbers) / len(numbers)
+    return float(lm_eval_metrics().classification_score(prediction, ground_truth, all_classes=list(all_classes)))
 
 
 def retrieval_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
     """Share of the numbers in the prediction equal to N of the gold ``"Paragraph N"``."""
-    match = re.search(r"Paragraph (\d+)", ground_truth)
-    if match is None:
+    if re.search(r"Paragraph (\d+)", ground_truth) is None:  # lm-eval would fail with an IndexError
         raise ValueError(f"retrieval gold answer must look like 'Paragraph N', got {ground_truth!r}")
-    return _number_share(prediction, match.group(1))
+    return float(lm_eval_metrics().retrieval_score(prediction, ground_truth))
 
 
 def retrieval_zh_score(
     prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None
 ) -> float:
     """Share of the numbers in the prediction equal to N of the gold ``"段落N"``."""
-    match = re.search(r"段落(\d+)", ground_truth)
-    if match is None:
+    if re.search(r"段落(\d+)", ground_truth) is None:
         raise ValueError(f"retrieval gold answer must look like '段落N', got {ground_truth!r}")
-    return _number_share(prediction, match.group(1))
+    return float(lm_eval_metrics().retrieval_zh_score(prediction, ground_truth))
 
 
 def count_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
     """Share of the numbers in the prediction equal to the gold count."""
-    return _number_share(prediction, str(ground_truth).strip())
-
-
-def _edit_ratio(a: str, b: str) -> int:
-    # fuzzywuzzy is what LongBench scores code with; difflib gives the same ratio when
-    # fuzzywuzzy (or its optional C speed-up) is absent.
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "using slow pure-python SequenceMatcher"
-            from fuzzywuzzy import fuzz
-        return int(fuzz.ratio(a, b))
-    except ImportError:  # pragma: no cover - depends on the environment
-        from difflib import SequenceMatcher
-
-        return int(round(100 * SequenceMatcher(None, a, b).ratio()))
+    return float(lm_eval_metrics().count_score(prediction, str(ground_truth).strip()))
 
 
 def code_sim_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
-    """Edit similarity of the first non-comment line of the prediction to the gold line."""
-    first = ""
-    for line in prediction.lstrip("\n").split("\n"):
-        # Code fences and comments are chatter, not the completed line.
-        if "`" not in line and "#" not in line and "//" not in line:
-            first = line
-            break
-    return _edit_ratio(first, ground_truth) / 100
+    """Edit similarity of the first non-blank, non-comment line of the prediction to the gold line."""
+    return float(lm_eval_metrics().code_sim_score(prediction, ground_truth))
 
 
 def exact_match_score(prediction: str, ground_truth: str, *, all_classes: Sequence[str] | None = None) -> float:
@@ -286,6 +228,9 @@ def score_prediction(
 ) -> float:
     """Score one prediction the way LongBench does: post-process, then best over gold answers.
 
+    Equals lm-eval's ``process_results`` of the task on the same text (the first-line cut of
+    the few-shot tasks is what lm-eval's ``until: ["\\n"]`` does while generating).
+
     Args:
         task: LongBench task name (selects the metric and the post-processing).
         prediction: the generated text.
@@ -307,4 +252,8 @@ def score_prediction(
         fn = metric
     if task in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
+    # lm-eval's process_results strip the prediction, except for code: there a leading
+    # indent is part of the line compared.
+    if TASK_METRIC_NAMES[task] != "code_sim":
+        prediction = prediction.strip()
     return max(fn(prediction, gold, all_classes=all_classes) for gold in answers)

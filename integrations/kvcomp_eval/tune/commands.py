@@ -101,7 +101,7 @@ def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> No
     p.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna storage URL shared by every worker, e.g. postgresql://user:pw@host/db (default: sqlite:///DIR/study.db)",
+        help="Optuna storage URL shared by every worker, e.g. postgresql+psycopg://user:pw@host/db (default: sqlite:///DIR/study.db)",
     )
     p.add_argument("--study-name", default="kvcomp-tune", help="study to create or resume (default: kvcomp-tune)")
     p.add_argument(

@@ -49,7 +49,7 @@ from kvcomp_eval.tune.objective import FidelityObjective, build_prompts, load_or
 from kvcomp_eval.tune.outputs import write_outputs
 from kvcomp_eval.tune.settings import TuneError, TuneSettings
 from kvcomp_eval.tune.space import SearchSpace, build_trial_config
-from kvcomp_eval.tune.study import _check_study_spec, _record_split, make_sampler, model_identity, open_storage
+from kvcomp_eval.tune.study import _check_study_spec, _record_split, make_sampler, model_identity, open_storage, redact_url
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class TuneSummary:
 
     Attributes:
         study_name: the Optuna study.
-        storage_url: where it lives.
+        storage_url: where it lives (password hidden).
         trial_numbers: numbers of the trials this call ran.
         best_trial: number of the trial written to ``best.yaml`` (``None`` when no trial completed).
         best_values: its objective values.
@@ -126,7 +126,7 @@ def run_tuning(settings: TuneSettings, pipeline: "KVCompPipeline | None" = None)
             storage=storage, study_name=settings.study_name, directions=directions, load_if_exists=True
         )
     except Exception as exc:
-        raise TuneError(f"cannot create or load study {settings.study_name!r} in {settings.storage_url}: {exc}") from exc
+        raise TuneError(f"cannot create or load study {settings.study_name!r} in {redact_url(settings.storage_url)}: {exc}") from exc
     if [d.name.lower() for d in study.directions] != directions:
         raise TuneError(
             f"study {settings.study_name!r} has {len(study.directions)} objective(s); this run asks for "
@@ -187,7 +187,7 @@ def run_tuning(settings: TuneSettings, pipeline: "KVCompPipeline | None" = None)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return TuneSummary(
         study_name=study.study_name,
-        storage_url=settings.storage_url,
+        storage_url=redact_url(settings.storage_url),
         trial_numbers=ran,
         best_trial=best.number if best is not None else None,
         best_values=list(best.values) if best is not None else None,

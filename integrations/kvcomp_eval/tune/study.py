@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +54,12 @@ def make_sampler(
     raise TuneError(f"unknown sampler {name!r}; samplers: {', '.join(SAMPLERS)}")
 
 
-def open_storage(url: str) -> "optuna.storages.BaseStorage":
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for printing and files."""
+    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
+
+
+def open_storage(url: str, *, attempts: int = 3) -> "optuna.storages.BaseStorage":
     """Open an Optuna storage URL (SQLite, PostgreSQL, MySQL: any SQLAlchemy URL Optuna takes).
 
     Database storages get a heartbeat, so a trial whose worker was killed is marked failed
@@ -62,14 +70,31 @@ def open_storage(url: str) -> "optuna.storages.BaseStorage":
     if not isinstance(url, str) or "://" not in url:
         raise TuneError(
             f"storage {url!r} is not a database URL; use e.g. sqlite:///tune/study.db or "
-            "postgresql://user:password@host:5432/dbname"
+            "postgresql+psycopg://user:password@host:5432/dbname"
         )
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+        except Exception as exc:  # SQLAlchemy raises many types (bad dialect, unreachable host, bad path)
+            # Workers started together on an empty database race to create Optuna's tables; the
+            # loser sees a duplicate table or row. The tables exist by then: open again.
+            if attempt + 1 < attempts and _is_creation_race(exc):
+                time.sleep(0.5 + random.random())
+                continue
+            raise TuneError(f"cannot open the Optuna storage {redact_url(url)!r}: {type(exc).__name__}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _is_creation_race(exc: BaseException) -> bool:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
-    except Exception as exc:  # SQLAlchemy raises many types (bad dialect, unreachable host, bad path)
-        raise TuneError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: {exc}") from exc
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
+        return False
+    return isinstance(exc, (IntegrityError, ProgrammingError)) and (
+        "already exists" in str(exc) or "duplicate key" in str(exc)
+    )
 
 
 def _digest(data: Any) -> str:
@@ -151,7 +176,9 @@ def _check_study_spec(study: "optuna.Study", spec: dict[str, Any]) -> None:
     old = study.user_attrs.get("kvcomp_spec")
     if old is None:
         study.set_user_attr("kvcomp_spec", spec)
-        return
+        # Two workers may both have seen no spec; the database keeps the first one written
+        # (Optuna ignores the second insert), so read it back and compare as usual.
+        old = study.user_attrs.get("kvcomp_spec")
     old = json.loads(json.dumps(old))
     new = json.loads(json.dumps(spec))
     if old != new:
