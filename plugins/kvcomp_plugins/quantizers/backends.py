@@ -65,6 +65,19 @@ def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis, backend: Ba
     return select_backend(backend, x.device).quantize_pack(x, bits, group_size, axis)
 
 
+def quantize_pack_many(requests: list[packing.QuantRequest], backend: Backend = "auto") -> list[QuantizedTensor]:
+    """:func:`quantize_pack` of several ``(x, bits, group_size, axis)`` requests, same bytes; the
+    torch reference batches their statistics (the Triton kernels are one launch per tensor anyway)."""
+    if not requests:
+        return []
+    for x, bits, group_size, axis in requests:
+        packing.validate_quant_args(tuple(x.shape), bits, group_size, axis)
+    module = select_backend(backend, requests[0][0].device)
+    if module is packing:
+        return packing.quantize_pack_many(requests)
+    return [module.quantize_pack(*request) for request in requests]
+
+
 def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend = "auto") -> Tensor:
     """Dense ``[B, H_kv, n, d]`` of ``dtype`` from ``q`` with the selected backend."""
     return select_backend(backend, q.packed.device).unpack_dequantize(q, dtype)

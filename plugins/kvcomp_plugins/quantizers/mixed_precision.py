@@ -20,7 +20,7 @@ from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends
 from kvcomp_plugins.quantizers.packing import validate_quant_args
-from kvcomp_plugins.quantizers.tiers import gather_tokens, split_tokens
+from kvcomp_plugins.quantizers.tiers import gather_parts, split_tokens
 
 DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.35, "frac_2bit": 0.15, "frac_drop": 0.4}
 """Used when neither fractions nor ``avg_bits`` are given (the ``default`` preset's split)."""
@@ -139,18 +139,19 @@ class MixedPrecisionQuantizer:
         self._check_layer(keys, values, positions, scores, protected)
         split = split_tokens(positions, scores, protected, keys.shape[1], self.residual_length, self.tier_fractions)
         b, h = keys.shape[:2]
-        res = split.residual_idx.unsqueeze(1).expand(b, h, -1)
-        tiers = [
-            self._quantize_tier(
-                gather_tokens(keys, idx), gather_tokens(values, idx), _positions_of(positions, idx), bits
-            )
-            for bits, idx in zip(split.tier_bits, split.tier_idx)
-        ]
+        idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
+        k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
+        tiers = self._quantize_tiers(
+            [
+                (k, v, _positions_of(positions, i), bits)
+                for k, v, i, bits in zip(k_parts[1:], v_parts[1:], idx[1:], split.tier_bits)
+            ]
+        )
         return CompressedLayer(
             tiers=tiers,
-            residual_keys=gather_tokens(keys, res).to(self.residual_dtype),
-            residual_values=gather_tokens(values, res).to(self.residual_dtype),
-            residual_positions=_positions_of(positions, res),
+            residual_keys=k_parts[0].to(self.residual_dtype),
+            residual_values=v_parts[0].to(self.residual_dtype),
+            residual_positions=_positions_of(positions, idx[0]),
             dropped_tokens=split.dropped_per_head,
         )
 
@@ -183,13 +184,19 @@ class MixedPrecisionQuantizer:
 
     def _quantize_tier(self, keys: Tensor, values: Tensor, positions: Tensor, bits: int) -> KVTier:
         """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""
+        return self._quantize_tiers([(keys, values, positions, bits)])[0]
+
+    def _quantize_tiers(self, parts: list[tuple[Tensor, Tensor, Tensor, int]]) -> list[KVTier]:
+        """:meth:`_quantize_tier` of every ``(keys, values, positions, bits)`` of a layer in one call."""
         cfg = self.config
-        return KVTier(
-            bits=bits,
-            positions=positions,
-            keys=backends.quantize_pack(keys, bits, cfg.group_size, cfg.key_mode, cfg.backend),
-            values=backends.quantize_pack(values, bits, cfg.group_size, "token", cfg.backend),
-        )
+        requests = []
+        for keys, values, _, bits in parts:
+            requests += [(keys, bits, cfg.group_size, cfg.key_mode), (values, bits, cfg.group_size, "token")]
+        packed = backends.quantize_pack_many(requests, cfg.backend)
+        return [
+            KVTier(bits=bits, positions=positions, keys=packed[2 * i], values=packed[2 * i + 1])
+            for i, (_, _, positions, bits) in enumerate(parts)
+        ]
 
     def check_model(self, *, num_layers: int, head_dim: int) -> None:
         """Refuse a model whose ``head_dim`` the groups or the packing cannot split (before prefill)."""
