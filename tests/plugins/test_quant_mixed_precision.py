@@ -343,3 +343,11 @@ def test_bad_layer_inputs_are_refused() -> None:
         quantizer.compress(keys, values, positions, scores, protected.int())
     with pytest.raises(ValueError, match="scores"):
         quantizer.compress(keys, values, positions, scores[:, :1], protected)
+
+
+def test_stored_residual_owns_its_memory_in_the_storage_dtype() -> None:
+    keys, values, positions, scores = _layer(1, 1, 100, 32, dtype=torch.float16)
+    layer = MixedPrecisionQuantizer(residual_length=16).compress(keys, values, positions, scores, positions < 4)
+    for t in (layer.residual_keys, layer.residual_values):
+        # Its storage is its own: no view into the gathered tokens of every part.
+        assert t.untyped_storage().nbytes() == tensor_bytes(t)

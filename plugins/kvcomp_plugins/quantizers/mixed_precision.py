@@ -149,8 +149,10 @@ class MixedPrecisionQuantizer:
         )
         return CompressedLayer(
             tiers=tiers,
-            residual_keys=k_parts[0].to(self.residual_dtype),
-            residual_values=v_parts[0].to(self.residual_dtype),
+            # copy=True: in the storage dtype already, the part would be a view keeping every
+            # gathered full-precision token alive (bytes held but not counted).
+            residual_keys=k_parts[0].to(self.residual_dtype, copy=True),
+            residual_values=v_parts[0].to(self.residual_dtype, copy=True),
             residual_positions=_positions_of(positions, idx[0]),
             dropped_tokens=split.dropped_per_head,
         )
