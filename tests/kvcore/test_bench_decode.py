@@ -1,0 +1,43 @@
+"""``bench/bench_decode.py`` on the tiny shape: it runs every config, ratios are against ``full``,
+stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_decode.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_shape_times_every_config_against_full(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    proc = _run("--shape", "tiny", "--lengths", "160", "--batch", "1", "2", "--repeats", "1", "--decode-tokens", "3",
+                "--configs", "transformers", "full", "default", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["config"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(c, b) for c in ("transformers", "full", "default") for b in (1, 2)}
+    for batch in (1, 2):
+        assert rows[("transformers", batch)]["same_tokens_as_full"], "stock and kvcomp full decode alike"
+        assert 0 < rows[("default", batch)]["kv_frac_fp16"] < 1
+        assert all(rows[(c, batch)]["decode_tokens_per_s"] > 0 and rows[(c, batch)]["ttft_s"] > 0 for c in ("full", "default"))
+    assert "| 160 | 2 | default |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--configs", "default"], "must include 'full'"),
+        (["--configs", "full", "nope"], "unknown config(s) ['nope']"),
+    ],
+)
+def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
+    proc = _run("--shape", "tiny", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
