@@ -4,12 +4,15 @@ Writes ``{preset: [[32 token ids] per prompt]}`` for 10 LongBench multi_news pro
 tokens with the question as prompt window; EOS does not stop decoding. Run it once on each
 checkout and compare the files with ``--compare``::
 
+    git worktree add /tmp/old v0.1.0          # any older commit
+    .venv/bin/python bench/greedy_tokens.py --checkout /tmp/old --out old.json
     .venv/bin/python bench/greedy_tokens.py --out new.json
     .venv/bin/python bench/greedy_tokens.py --compare old.json new.json
 
-An older checkout can run on this venv by putting its folders first on ``PYTHONPATH``
-(``PYTHONPATH=OLD:OLD/plugins:OLD/integrations``); if it reads plugins from an entry-point group
-this install no longer declares, the built-in plugin modules are registered by hand below.
+``--checkout`` runs the older code on this venv: its folders go first on ``sys.path`` and the
+editable install's import finder (which would otherwise win over ``PYTHONPATH``) is removed; if
+that code reads plugins from an entry-point group this install no longer declares, the built-in
+plugin modules are registered by hand below.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench" / "multi_news.jsonl"
 QUESTION = "\n\nNow, write a one-page summary of all the news above.\nSummary:"
+
+
+def use_checkout(root: Path) -> None:
+    """Import ``kvcore`` and the plugins from the checkout at ``root`` instead of this install."""
+    if not (root / "kvcore" / "__init__.py").is_file():
+        raise SystemExit(f"--checkout {root}: no kvcore/ package there; give the root folder of a kvcomp checkout")
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+    sys.path[:0] = [str(root), str(root / "plugins"), str(root / "integrations")]
 
 
 def _register_builtin_plugins() -> None:
@@ -76,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--checkout", type=Path, help="root of an older kvcomp checkout whose code should run")
     args = parser.parse_args(argv)
+    if args.checkout is not None:
+        use_checkout(args.checkout.resolve())
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         for preset in a:

@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcore.accounting import kv_bytes_fp16
-from kvcore.decode_attention import attend_dense, merge_into_nonempty, merge_parts
+from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.protocols import Quantizer, TierAttention
 from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
 
@@ -201,34 +201,31 @@ class CompressedKVLayer(CacheLayerMixin):
         # The query heads of one KV head become rows ([B, H_kv, groups * q, d]): every stored key
         # and value is read once per KV head, never copied per query head.
         rows = query.to(torch.float32).reshape(b, h_kv, groups * q, d) * scaling
-        dense = attend_dense(
-            rows,
-            self.dense_keys[..., : self.n_dense, :],
-            self.dense_values[..., : self.n_dense, :],
-            self._dense_mask(q, groups),
+        dense = DensePart(
+            self.dense_keys[..., : self.n_dense, :], self.dense_values[..., : self.n_dense, :], self._dense_mask(q, groups)
         )
-        tiers = [*self.compressed.tiers, *self.flushed]
-        # The dense part holds the queries' own tokens, so it is never empty for any row.
-        out = merge_into_nonempty(self._attend_tiers(rows, tiers), dense) if tiers else dense[0]
+        # The dense part holds the queries' own tokens, so every row sees at least one key.
+        out = self._attend_all(rows, [*self.compressed.tiers, *self.flushed], dense)
         self.pending_queries = 0
         out = out.to(query.dtype)
         return out.reshape(b, h, q, d).transpose(1, 2).contiguous()
 
-    def _attend_tiers(self, rows: Tensor, tiers: list[KVTier]) -> tuple[Tensor, Tensor]:
+    def _attend_all(self, rows: Tensor, tiers: list[KVTier], dense: DensePart) -> Tensor:
+        if not tiers:
+            return attend_dense(rows, dense.keys, dense.values, dense.mask)[0]
         padding = self._tier_padding if any(p is not None for p in self._tier_padding) else None
         if isinstance(self.quantizer, TierAttention):
-            return self.quantizer.attend(rows, tiers, padding)
-        # A quantizer without packed attention: dequantise one tier at a time (still no full copy).
+            return self.quantizer.attend(rows, tiers, dense, padding)
+        # A quantizer without packed attention: dequantise one tier at a time (still no full copy)
+        # and merge the parts by their log-sum-exp.
         assert self.quantizer is not None
-        parts = []
+        parts = [attend_dense(rows, dense.keys, dense.values, dense.mask)]
         for i, tier in enumerate(tiers):
             mask = None if padding is None or padding[i] is None else ~padding[i]
             keys = self.quantizer.dequantize(tier.keys, torch.float32)
             values = self.quantizer.dequantize(tier.values, torch.float32)
             parts.append(attend_dense(rows, keys, values, mask))
-        out = merge_parts(parts)
-        lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
-        return out, lse
+        return merge_parts(parts)
 
     def _dense_mask(self, q: int, groups: int) -> Tensor | None:
         """``[B, H_kv, groups * q, n_dense]`` bool, or ``None`` when every stored token is visible

@@ -1,10 +1,11 @@
-"""Decode attention in parts: each part returns its output and log-sum-exp, and the parts merge.
+"""Decode attention over a layer's full-precision tokens, and the merge of attention parts.
 
-A compressed layer is read in parts that are never concatenated into one dense tensor: the
-quantised tiers (attended straight from their packed codes by the quantizer, see
-:class:`~kvcore.protocols.TierAttention`) and the full-precision part (prefill residual plus the
-decode buffer, attended here). Each part ``p`` yields its softmax-normalised output ``o_p`` and
-the log-sum-exp ``lse_p`` of its logits; the exact attention over the union is then
+A compressed layer is read without ever concatenating its parts into one dense tensor. A
+quantizer with :class:`~kvcore.protocols.TierAttention` attends its packed tiers and the
+full-precision part (:class:`DensePart`: prefill residual plus decoded tokens) in one softmax.
+For one without it, each part ``p`` (a dequantised tier, the dense part) yields its
+softmax-normalised output ``o_p`` and the log-sum-exp ``lse_p`` of its logits; the exact
+attention over the union is then
 
     out = sum_p exp(lse_p - m) * o_p / sum_p exp(lse_p - m),   m = max_p lse_p
 
@@ -15,9 +16,23 @@ the log-sum-exp ``lse_p`` of its logits; the exact attention over the union is t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DensePart:
+    """The full-precision tokens of a layer as decode attention reads them.
+
+    ``keys``/``values`` are ``[B, H_kv, n, d]`` (storage dtype); ``mask`` is bool, broadcastable to
+    ``[B, H_kv, r, n]`` (True = may attend), or ``None`` when every row sees every token.
+    """
+
+    keys: Tensor
+    values: Tensor
+    mask: Tensor | None = None
 
 
 def safe_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,11 +74,3 @@ def merge_parts(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     out = sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
     total = weights.sum(dim=0).unsqueeze(-1)
     return out / torch.where(total > 0, total, 1.0)
-
-
-def merge_into_nonempty(part: tuple[Tensor, Tensor], nonempty: tuple[Tensor, Tensor]) -> Tensor:
-    """:func:`merge_parts` of two parts when the second attends at least one key in every row
-    (the decode buffer always holds the query's own token): ``sigmoid(lse_1 - lse_2)`` is part 1's
-    share of the softmax mass, ``0`` where part 1 saw nothing, so three ops suffice."""
-    share = torch.sigmoid(part[1] - nonempty[1]).unsqueeze(-1)
-    return torch.lerp(nonempty[0], part[0], share)

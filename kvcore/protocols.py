@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, LayerObservation, QuantizedTensor
 
 
@@ -79,19 +80,20 @@ class TierAttention(Protocol):
     """
 
     def attend(
-        self, rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Attention of query ``rows [B, H_kv, r, d]`` over every token of ``tiers``.
+        self, rows: Tensor, tiers: Sequence[KVTier], dense: DensePart, padding: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
+        """Attention of query ``rows [B, H_kv, r, d]`` over every token of ``tiers`` and of ``dense``.
 
         Args:
             rows: float32, already multiplied by the softmax scale; the query heads of one KV head
                 are folded into the rows.
             tiers: quantised tiers of one layer (all strictly before the queries: no causal mask).
+            dense: the layer's full-precision tokens (prefill residual and decoded tokens) with
+                their mask; every row sees at least one of them (the query's own token).
             padding: per tier, bool ``[B, H_kv, 1, n]`` (True = padding slot, never attended) or ``None``.
 
         Returns:
-            the softmax-normalised output ``[B, H_kv, r, d]`` and the log-sum-exp ``[B, H_kv, r]`` of
-            the logits (``-inf`` where a row attended nothing), both float32.
+            the output ``[B, H_kv, r, d]``, float32: one softmax over all those tokens.
         """
         ...
 

@@ -1,13 +1,14 @@
-"""Decode attention read straight from packed tiers, against attention over the dequantised tiers."""
+"""Decode attention read straight from packed tiers plus a dense part, against one softmax over the
+dequantised tiers and the dense tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcore.decode_attention import attend_dense, merge_into_nonempty, merge_parts
+from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.types import KVTier
-from kvcomp_plugins.quantizers.attend import attend_tiers
+from kvcomp_plugins.quantizers.attend import attend_layer
 from kvcomp_plugins.quantizers.packing import quantize_pack, unpack_dequantize
 
 
@@ -19,14 +20,24 @@ def _tier(bits: int, n: int, key_axis: str, seed: int, b: int = 2, h: int = 3, d
     return KVTier(bits, positions, quantize_pack(keys, bits, g, key_axis), quantize_pack(values, bits, g, "token"))
 
 
-def _reference(rows, tiers, padding=None):
-    """Softmax attention over the concatenated dequantised tiers (what the old decode path built)."""
-    keys = torch.cat([unpack_dequantize(t.keys, torch.float64) for t in tiers], dim=2)
-    values = torch.cat([unpack_dequantize(t.values, torch.float64) for t in tiers], dim=2)
+def _dense(b: int, h: int, n: int, d: int, seed: int, mask: torch.Tensor | None = None) -> DensePart:
+    gen = torch.Generator().manual_seed(seed)
+    # Keys as large as the tiers' (whose channels reach 4x), so the dense tokens carry real weight.
+    return DensePart(3 * torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen), mask)
+
+
+def _reference(rows, tiers, dense, padding=None):
+    """One softmax over the concatenated dequantised tiers and the dense tokens (what the old
+    decode path built)."""
+    keys = torch.cat([*(unpack_dequantize(t.keys, torch.float64) for t in tiers), dense.keys.double()], dim=2)
+    values = torch.cat([*(unpack_dequantize(t.values, torch.float64) for t in tiers), dense.values.double()], dim=2)
     logits = rows.double() @ keys.transpose(-1, -2)
+    visible = torch.ones_like(logits, dtype=torch.bool)
     if padding is not None:
-        logits = logits.masked_fill(torch.cat(padding, dim=-1), float("-inf"))
-    return torch.softmax(logits, dim=-1) @ values, torch.logsumexp(logits, dim=-1)
+        visible[..., : -dense.keys.shape[2]] &= ~torch.cat(padding, dim=-1)
+    if dense.mask is not None:
+        visible[..., -dense.keys.shape[2] :] &= dense.mask
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1) @ values
 
 
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
@@ -35,10 +46,8 @@ def _reference(rows, tiers, padding=None):
 def test_one_tier_matches_attention_over_its_dequantised_values(bits, key_axis, n):
     tier = _tier(bits, n, key_axis, seed=bits * 100 + n)
     rows = torch.randn(2, 3, 6, 16, generator=torch.Generator().manual_seed(n))
-    out, lse = attend_tiers(rows, [tier])
-    ref_out, ref_lse = _reference(rows, [tier])
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    dense = _dense(2, 3, 4, 16, seed=n)
+    torch.testing.assert_close(attend_layer(rows, [tier], dense).double(), _reference(rows, [tier], dense), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
@@ -46,19 +55,21 @@ def test_mixed_tiers_with_padding_share_one_softmax(key_axis):
     tiers = [_tier(8, 11, key_axis, 1), _tier(4, 40, key_axis, 2), _tier(2, 17, key_axis, 3), _tier(8, 8, key_axis, 4)]
     padding = [torch.zeros(2, 3, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
     padding[1][0, :, :, :7] = True  # row 0 is left-padded in the 4-bit tier
+    mask = torch.ones(2, 3, 4, 5, dtype=torch.bool)
+    mask[1, :, :2, 3:] = False  # the first rows of batch row 1 must not see the last dense tokens (causal)
+    dense = _dense(2, 3, 5, 16, seed=8, mask=mask)
     rows = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(9))
-    out, lse = attend_tiers(rows, tiers, padding)
-    ref_out, ref_lse = _reference(rows, tiers, padding)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    # Negative control: ignoring the padding gives a different answer, so the mask is really applied.
-    unmasked, _ = attend_tiers(rows, tiers)
-    assert (unmasked[0] - out[0]).abs().max() > 1e-3
+    out = attend_layer(rows, tiers, dense, padding)
+    torch.testing.assert_close(out.double(), _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)
+    # Negative controls: ignoring the padding or the dense mask gives a different answer, so both are applied.
+    assert (attend_layer(rows, tiers, dense)[0] - out[0]).abs().max() > 1e-3
+    unmasked = attend_layer(rows, tiers, DensePart(dense.keys, dense.values), padding)
+    assert (unmasked[1, :, :2] - out[1, :, :2]).abs().max() > 1e-3
 
 
 def test_tiers_quantised_differently_are_refused():
     with pytest.raises(ValueError, match="one group size and one key grouping"):
-        attend_tiers(torch.zeros(2, 3, 1, 16), [_tier(8, 8, "channel", 1), _tier(8, 8, "token", 2)])
+        attend_layer(torch.zeros(2, 3, 1, 16), [_tier(8, 8, "channel", 1), _tier(8, 8, "token", 2)], _dense(2, 3, 1, 16, 0))
 
 
 def test_parts_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
@@ -71,6 +82,3 @@ def test_parts_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     empty = attend_dense(rows, keys[:, :, :4], values[:, :, :4], torch.zeros(1, 2, 3, 4, dtype=torch.bool))
     assert torch.isneginf(empty[1]).all() and torch.equal(empty[0], torch.zeros_like(empty[0]))
     torch.testing.assert_close(merge_parts([*split, empty]), whole, rtol=1e-5, atol=1e-6)
-    # The two-part form used while decoding agrees, also when the first part is empty.
-    torch.testing.assert_close(merge_into_nonempty(split[0], split[1]), merge_parts(split[:2]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(merge_into_nonempty(empty, split[1]), split[1][0], rtol=1e-6, atol=1e-7)

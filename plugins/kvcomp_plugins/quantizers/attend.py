@@ -1,13 +1,16 @@
 """Decode attention over the packed tiers of one layer (torch reference, any device).
 
-All tiers of a layer are attended *together*, through two reused scratch buffers (shared by all
-layers: one layer attends at a time), never through per-step allocations or a ``torch.cat`` of
-the layer's parts:
+All tiers of a layer and its full-precision part (prefill residual plus decoded tokens) are
+attended *together*, in one softmax, through reused scratch buffers (shared by all layers: one
+layer attends at a time), never through per-step allocations of the layer's size:
 
-1. every tier's packed codes are unpacked into one uint8 staging buffer (a few integer ops per
-   tier, see :func:`unpack_into`);
-2. keys: ``code * scale + zero`` for all tiers at once, in the float scratch (per-channel scales
-   broadcast over their ``G`` tokens), then one matmul for every logit and one softmax;
+1. every tier's packed keys and values are unpacked into one uint8 staging buffer (a few integer
+   ops per tier, see :func:`unpack_into`), then converted to float32 in one copy, with the
+   full-precision keys and values copied behind them;
+2. keys: ``code * scale + zero`` for all tiers at once, in place (per-channel scales broadcast
+   over their ``G`` tokens), then one matmul for every logit and one softmax: no per-part
+   log-sum-exp and no merge (each of those is several ops per layer, and a CPU decode step pays
+   per op);
 3. values: the per-token scale folds into the probabilities, ``sum_t (p_t s_tg) code_tc +
    sum_t p_t zero_tg``: one thin matmul per channel group over float codes.
 
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kvcore.decode_attention import safe_softmax
+from kvcore.decode_attention import DensePart
 from kvcore.types import KVTier
 
 
@@ -119,17 +122,20 @@ def _stats(parts: Sequence[Tensor], sizes: Sequence[int], group: int, dim: int =
     return torch.cat(pieces, dim=dim)
 
 
-def attend_tiers(
+def attend_layer(
     rows: Tensor,
     tiers: Sequence[KVTier],
+    dense: DensePart,
     padding: Sequence[Tensor | None] | None = None,
     scratch: Scratch | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     """Attention of ``rows [B, H_kv, r, d]`` (float32, already scaled by the softmax scale) over
-    every token of ``tiers`` (all quantised alike: one group size, one key grouping).
+    every token of ``tiers`` (all quantised alike: one group size, one key grouping) and of the
+    full-precision ``dense`` part, in one softmax.
 
     ``padding[i]`` is bool ``[B, H_kv, 1, n_i]`` (True = padding slot, never attended) or ``None``.
-    Returns the output ``[B, H_kv, r, d]`` and log-sum-exp ``[B, H_kv, r]``, float32.
+    Every row must see at least one dense key (in a decode step: the query's own token).
+    Returns the output ``[B, H_kv, r, d]``, float32.
     """
     g, key_axis = tiers[0].keys.group_size, tiers[0].keys.axis
     if any((t.keys.group_size, t.values.group_size, t.keys.axis) != (g, g, key_axis) for t in tiers):
@@ -139,43 +145,55 @@ def attend_tiers(
     groups = d // g  # channel groups of the values (and of per-token keys)
     sizes = [t.n_tokens for t in tiers]
     offsets, slots, pad = _layout(tuple(sizes), g, rows.device)
+    total = slots + dense.keys.shape[-2]
 
-    # Codes of every tier, token-major [B, H, P, d]: each tier's rows are one contiguous block per head.
-    kcodes = scratch.get("keys", (b, h, slots, d), torch.uint8, rows.device)
-    vcodes = scratch.get("values", (b, h, slots, d), torch.uint8, rows.device)
+    # Codes of every tier, keys then values, token-major [2, B, H, P, d]: each tier's rows are one
+    # contiguous block per head; one conversion to float serves keys and values of all tiers, and
+    # the dense part is copied behind them so that one matmul and one softmax see every token.
+    codes = scratch.get("codes", (2, b, h, slots, d), torch.uint8, rows.device)
     for tier, off, n in zip(tiers, offsets, sizes):
-        unpack_into(tier.keys.packed, tier.bits, kcodes[:, :, off : off + n])
-        unpack_into(tier.values.packed, tier.bits, vcodes[:, :, off : off + n])
-    keys = scratch.get("keys_f32", (b, h, slots, d), torch.float32, rows.device).copy_(kcodes)
-    values = scratch.get("values_f32", (b, h, slots, d), torch.float32, rows.device).copy_(vcodes)
+        unpack_into(tier.keys.packed, tier.bits, codes[0, :, :, off : off + n])
+        unpack_into(tier.values.packed, tier.bits, codes[1, :, :, off : off + n])
+    kv = scratch.get("kv", (2, b, h, total, d), torch.float32, rows.device)
+    kv[:, :, :, :slots].copy_(codes)
+    kv[0, :, :, slots:].copy_(dense.keys)
+    kv[1, :, :, slots:].copy_(dense.values)
+    keys, values = kv[0], kv[1]
     if key_axis == "channel":
         # Keys are dequantised in place (scale and zero broadcast along the token group, a
         # contiguous inner dim): then one matmul gives every logit.
         kscale = torch.cat([t.keys.scale for t in tiers], dim=2).to(torch.float32).unsqueeze(3)  # [B, H, P / G, 1, d]
         kzero = torch.cat([t.keys.zero for t in tiers], dim=2).to(torch.float32).unsqueeze(3)
-        grouped = keys.view(b, h, slots // g, g, d)
+        grouped = keys[:, :, :slots].view(b, h, slots // g, g, d)
         torch.addcmul(kzero, grouped, kscale, out=grouped)
-        logits = torch.matmul(rows, keys.transpose(-1, -2))  # [B, H, r, P]
+        logits = torch.matmul(rows, keys.transpose(-1, -2))  # [B, H, r, P + n_dense]
     else:  # per-token key groups: the scale multiplies each channel group's partial dot product
+        logits = torch.matmul(rows, keys.transpose(-1, -2))  # right for the dense part; tier slots are rewritten
         kscale = _stats([t.keys.scale for t in tiers], sizes, g).to(torch.float32)  # [B, H, P, groups]
         kzero = _stats([t.keys.zero for t in tiers], sizes, g).to(torch.float32)
-        logits = torch.matmul(rows.view(b, h, r, groups, g).sum(-1), kzero.transpose(-1, -2))
+        tier_logits = torch.matmul(rows.view(b, h, r, groups, g).sum(-1), kzero.transpose(-1, -2))
         for j in range(groups):
             cols = slice(j * g, (j + 1) * g)
-            logits += torch.matmul(rows[..., cols], keys[..., cols].transpose(-1, -2)) * kscale[..., j].unsqueeze(2)
-    logits.masked_fill_(pad, float("-inf"))
+            tier_logits += torch.matmul(rows[..., cols], keys[:, :, :slots, cols].transpose(-1, -2)) * kscale[..., j].unsqueeze(2)
+        logits[..., :slots] = tier_logits
+    logits[..., :slots].masked_fill_(pad, float("-inf"))
     if padding is not None and any(p is not None for p in padding):
         masks = [torch.zeros(b, h, 1, n, dtype=torch.bool, device=rows.device) if p is None else p for p, n in zip(padding, sizes)]
-        logits.masked_fill_(_stats(masks, sizes, g, dim=3), float("-inf"))
-    probs, lse = safe_softmax(logits)
+        logits[..., :slots].masked_fill_(_stats(masks, sizes, g, dim=3), float("-inf"))
+    if dense.mask is not None:
+        logits[..., slots:].masked_fill_(~dense.mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
 
-    # Values: the per-token scale folds into the probabilities (sum_t p_t s_tg code_tc), the zero
-    # into one thin matmul (sum_t p_t zero_tg); broadcasting a per-token scale over the channels of
-    # its group would be a slow inner-dim broadcast on a CPU.
+    # Values: the dense part is one matmul. For the tiers the per-token scale folds into the
+    # probabilities (sum_t p_t s_tg code_tc), the zero into one thin matmul (sum_t p_t zero_tg):
+    # dequantising in place would broadcast a per-token scale over the channels of its group, an
+    # inner-dim broadcast that measured 5x slower than these few small matmuls on a CPU.
+    tier_probs = probs[..., :slots]
     vscale = _stats([t.values.scale for t in tiers], sizes, g).to(torch.float32)  # [B, H, P, groups], 0 in padding
     vzero = _stats([t.values.zero for t in tiers], sizes, g).to(torch.float32)
-    out = torch.matmul(probs, vzero).repeat_interleave(g, dim=-1)  # [B, H, r, d]
+    out = torch.matmul(probs[..., slots:], values[:, :, slots:])
+    out += torch.matmul(tier_probs, vzero).repeat_interleave(g, dim=-1)
     for j in range(groups):
         cols = slice(j * g, (j + 1) * g)
-        out[..., cols] += torch.matmul(probs * vscale[..., j].unsqueeze(2), values[..., cols])
-    return out, lse
+        out[..., cols] += torch.matmul(tier_probs * vscale[..., j].unsqueeze(2), values[:, :, :slots, cols])
+    return out

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from kvcore.decode_attention import DensePart
 from kvcore.types import KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, packing
 from kvcomp_plugins.quantizers.packing import Axis
@@ -83,14 +84,16 @@ def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend =
     return select_backend(backend, q.packed.device).unpack_dequantize(q, dtype)
 
 
-def attend_tiers(
+def attend_layer(
     rows: Tensor,
     tiers: Sequence[KVTier],
+    dense: DensePart,
     padding: Sequence[Tensor | None] | None,
     backend: Backend = "auto",
     scratch: attend.Scratch | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Decode attention over packed ``tiers`` (see :func:`.attend.attend_tiers`) with the selected backend."""
+) -> Tensor:
+    """Decode attention over packed ``tiers`` and the ``dense`` part (see :func:`.attend.attend_layer`)
+    with the selected backend."""
     # The Triton module has no decode kernel yet: the torch path runs on any device.
-    kernel = getattr(select_backend(backend, rows.device), "attend_tiers", attend.attend_tiers)
-    return kernel(rows, tiers, padding, scratch)
+    kernel = getattr(select_backend(backend, rows.device), "attend_layer", attend.attend_layer)
+    return kernel(rows, tiers, dense, padding, scratch)

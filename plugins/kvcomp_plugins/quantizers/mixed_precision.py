@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from torch import Tensor
 
 from kvcore.config import MAX_TOKEN_COUNT
+from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends
 from kvcomp_plugins.quantizers.packing import validate_quant_args
@@ -179,10 +180,10 @@ class MixedPrecisionQuantizer:
         return backends.unpack_dequantize(tensor, dtype, self.config.backend)
 
     def attend(
-        self, rows: Tensor, tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, rows: Tensor, tiers: Sequence[KVTier], dense: DensePart, padding: Sequence[Tensor | None] | None = None
+    ) -> Tensor:
         """Decode attention straight from the packed ``tiers`` (:class:`kvcore.protocols.TierAttention`)."""
-        return backends.attend_tiers(rows, tiers, padding, self.config.backend, self._scratch)
+        return backends.attend_layer(rows, tiers, dense, padding, self.config.backend, self._scratch)
 
     def _quantize_tier(self, keys: Tensor, values: Tensor, positions: Tensor, bits: int) -> KVTier:
         """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""
