@@ -126,7 +126,10 @@ class KVCompLM(LM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            # Without cpu=True accelerate does not join a CPU process group (MULTI_CPU over gloo):
+            # every process would run as rank 0 of 1 and answer every request.
+            on_cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+            self.accelerator = Accelerator(cpu=on_cpu)
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
             return str(self.accelerator.device)

@@ -609,3 +609,41 @@ def test_lm_eval_cli_embedded_model_on_local_longbench(local_longbench_tasks: Pa
     rouge = results["results"][LOCAL_TASK]["rouge_score,none"]
     assert 0.0 < rouge <= 1.0  # a real model's summary shares words with the reference
     assert "compression ratio" in log
+
+
+def _samples(out: Path) -> dict[int, list[str]]:
+    """Per-document generations from lm_eval's ``--log_samples`` files under ``out``."""
+    files = sorted(out.rglob("samples_*.jsonl"))
+    assert files, f"no samples file under {out}"
+    rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+    return {row["doc_id"]: row["filtered_resps"] for row in rows}
+
+
+def test_two_cpu_processes_give_the_outputs_of_one(tiny_model_dir: Path, local_longbench_tasks: Path, tmp_path: Path) -> None:
+    """``torchrun --standalone --nproc_per_node 2 -m lm_eval --model kvcomp-llama``: the model joins
+    the process group through accelerate (MULTI_CPU over gloo), lm-eval splits the requests over
+    the two ranks and gathers them, and every document's output equals the single-process run's.
+
+    On CPUs torchrun is the launcher: ``accelerate launch --cpu --num_processes 2`` starts a single
+    process unless MPI is installed. ``accelerate launch --multi_gpu`` sets up the same environment.
+    """
+    pytest.importorskip("accelerate", reason="accelerate comes with the eval extra")
+    args = ["--model", "kvcomp-llama", "--model_args", f"pretrained={tiny_model_dir},preset=default",
+            "--tasks", LOCAL_TASK, "--include_path", str(local_longbench_tasks), "--limit", "4",
+            "--gen_kwargs", "max_gen_toks=8", "--device", "cpu", "--log_samples"]
+    (tmp_path / "one").mkdir()
+    _, one_log = _run_lm_eval(args, tmp_path / "one", timeout=600)
+    assert "kvcomp-llama generate_until: 4 requests" in one_log
+    two = tmp_path / "two"
+    two.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "lm_eval", *args, "--output_path", str(two / "results")],
+        cwd=two, env=_offline_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    # Each rank served half of the requests (the cost line is logged per process).
+    assert proc.stderr.count("kvcomp-llama generate_until: 2 requests") == 2, proc.stderr[-3000:]
+    one_out, two_out = _samples(tmp_path / "one" / "results"), _samples(two / "results")
+    assert sorted(two_out) == [0, 1, 2, 3], "every document is answered once, by one of the two ranks"
+    assert two_out == one_out
