@@ -168,14 +168,13 @@ def attend_layer(
         torch.addcmul(kzero, grouped, kscale, out=grouped)
         logits = torch.matmul(rows, keys.transpose(-1, -2))  # [B, H, r, P + n_dense]
     else:  # per-token key groups: the scale multiplies each channel group's partial dot product
-        logits = torch.matmul(rows, keys.transpose(-1, -2))  # right for the dense part; tier slots are rewritten
         kscale = _stats([t.keys.scale for t in tiers], sizes, g).to(torch.float32)  # [B, H, P, groups]
         kzero = _stats([t.keys.zero for t in tiers], sizes, g).to(torch.float32)
         tier_logits = torch.matmul(rows.view(b, h, r, groups, g).sum(-1), kzero.transpose(-1, -2))
         for j in range(groups):
             cols = slice(j * g, (j + 1) * g)
             tier_logits += torch.matmul(rows[..., cols], keys[:, :, :slots, cols].transpose(-1, -2)) * kscale[..., j].unsqueeze(2)
-        logits[..., :slots] = tier_logits
+        logits = torch.cat([tier_logits, torch.matmul(rows, keys[:, :, slots:].transpose(-1, -2))], dim=-1)
     logits[..., :slots].masked_fill_(pad, float("-inf"))
     if padding is not None and any(p is not None for p in padding):
         masks = [torch.zeros(b, h, 1, n, dtype=torch.bool, device=rows.device) if p is None else p for p, n in zip(padding, sizes)]
