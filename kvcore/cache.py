@@ -337,8 +337,9 @@ class CompressedKVCache(Cache):
         num_layers: decoder layers of the model.
         quantizer: used to attend to (or dequantise) tiers and to quantise overflowing decode
             tokens (``None``: everything stays full precision).
-        window_token_idx: optional token indices ``[W]`` of the prompt window (the question), shared
-            by the batch; ``None`` means the last ``window_size`` prompt tokens.
+        window_token_idx: the prompt window (the question): token indices ``[W]`` shared by the
+            batch, or a bool mask ``[B, N]`` per row for a batch of different prompts; ``None``
+            means the last ``window_size`` prompt tokens.
     """
 
     def __init__(self, num_layers: int, quantizer: Quantizer | None = None, window_token_idx: Tensor | None = None):

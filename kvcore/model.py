@@ -76,7 +76,8 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
 
     def new_cache(self, window_token_idx: Tensor | None = None) -> CompressedKVCache:
-        """An empty compressed cache for this model; ``window_token_idx`` marks the question tokens."""
+        """An empty compressed cache for this model; ``window_token_idx`` marks the question tokens:
+        indices ``[W]`` shared by the batch, or a bool mask ``[B, N]`` with each row's own."""
         quantizer = self.compressor.quantizer if self.compressor is not None else None
         return CompressedKVCache(self.config.num_hidden_layers, quantizer, window_token_idx)
 
@@ -164,7 +165,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         # queue. Padding never appears later (propagation only drops tokens), and the window
         # indices change only when propagation thins the stream.
         padded = not bool(valid.all())
-        window_idx = is_window[0].nonzero().flatten()
+        window_idx = is_window.any(dim=0).nonzero().flatten()
         hidden = self.model.embed_tokens(input_ids)
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
@@ -192,6 +193,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 positions=positions,
                 n_original=n,
                 n_sink=compressor.n_sink,
+                window_rows=is_window,
             )
             result = compressor.compress_layer_kv_cache(obs)
             cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
@@ -209,32 +211,43 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     is_window = self._window_mask(None, b, keep.shape[1], device)
                 else:
                     is_window = is_window.gather(1, keep)
-                if b > 1 and not bool((is_window == is_window[:1]).all()):
-                    raise ValueError("an explicit prompt window with batch > 1 and propagation is not supported")
-                window_idx = is_window[0].nonzero().flatten()
+                window_idx = is_window.any(dim=0).nonzero().flatten()
 
         hidden = self.model.norm(hidden[:, -1:])
         logits = self.lm_head(hidden).float()
         cache.prefill_stats = {"prefill_s": time.perf_counter() - started, "tokens_per_layer_in_stream": stats_tokens}
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
-    def _window_mask(self, window_token_idx: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
-        """``[B, N]`` bool marking the prompt-window tokens."""
+    def _window_mask(self, window: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
+        """``[B, N]`` bool marking each row's prompt-window tokens.
+
+        ``window``: ``None`` (the last ``window_size`` columns), int indices ``[W]`` shared by the
+        batch, or a bool mask ``[B, N]`` with one row per prompt (a row without any marked token
+        takes the last ``window_size`` columns).
+        """
         assert self.compressor is not None
-        mask = torch.zeros(b, n, dtype=torch.bool, device=device)
-        if window_token_idx is None:
-            mask[:, max(0, n - self.compressor.window_size) :] = True
+        default = torch.zeros(b, n, dtype=torch.bool, device=device)
+        default[:, max(0, n - self.compressor.window_size) :] = True
+        if window is None:
+            return default
+        window = window.to(device)
+        if window.dtype == torch.bool:
+            if tuple(window.shape) != (b, n):
+                raise ValueError(f"a per-row prompt window must be a bool mask [B={b}, N={n}], got shape {tuple(window.shape)}")
+            mask = window.clone()
         else:
-            idx = window_token_idx.to(device)
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
-                raise ValueError(f"prompt window indices must be within [0, {n}), got {idx.tolist()[:8]}...")
-            mask[:, idx] = True
-            # Everything after the question too: the answer prefix or a chat template's assistant
-            # header scores nothing (window attention is causal, they come last) yet is what the
-            # next token reads first; unprotected, propagation would drop it. The last token
-            # produces the next-token logits: it must reach the top in any case.
-            mask[:, int(idx.max()) + 1 :] = True
-        return mask
+            if window.dim() != 1 or window.numel() == 0 or int(window.min()) < 0 or int(window.max()) >= n:
+                raise ValueError(f"prompt window indices must be a non-empty [W] within [0, {n}), got {window.tolist()[:8]}...")
+            mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+            mask[:, window] = True
+        # Everything after the question too: the answer prefix or a chat template's assistant
+        # header scores nothing (window attention is causal, they come last) yet is what the
+        # next token reads first; unprotected, propagation would drop it. The last token
+        # produces the next-token logits: it must reach the top in any case.
+        column = torch.arange(n, device=device)
+        last = torch.where(mask, column, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1: no window
+        mask |= column > last
+        return torch.where(last >= 0, mask, default)
 
 
 def _prefill_mask(positions: Tensor) -> Tensor:

@@ -29,10 +29,13 @@ class LayerObservation:
         queries: post-RoPE queries of the prompt window, ``[B, H, W, d]``.
         keys_pre_rope: keys before the rotary embedding, ``[B, H_kv, N, d]``.
         queries_pre_rope: window queries before the rotary embedding, ``[B, H, W, d]``.
-        window_idx: indices of the window tokens along the ``N`` axis, ``[W]`` (shared by the batch).
+        window_idx: indices along the ``N`` axis of the window queries, ``[W]``: the window tokens
+            of every row (their union when rows differ).
         positions: original position of each token, ``[B, N]`` int64, ``-1`` for padding.
         n_original: prompt length (padding included) before any propagation.
         n_sink: the first ``n_sink`` positions are attention sinks.
+        window_rows: ``[B, N]`` bool, each row's own window when the rows of a batch have
+            different questions; ``None``: ``window_idx`` is every row's window.
     """
 
     layer_idx: int
@@ -45,6 +48,7 @@ class LayerObservation:
     positions: Tensor
     n_original: int
     n_sink: int = 4
+    window_rows: Tensor | None = None
 
     # Cached: several components read the same masks, and on a GPU every extra small op is a
     # kernel launch in the prefill loop. The observation is built once per layer and not mutated.
@@ -61,9 +65,21 @@ class LayerObservation:
     @cached_property
     def window_mask(self) -> Tensor:
         """``[B, N]`` bool, True for prompt-window tokens."""
+        if self.window_rows is not None:
+            return self.window_rows & ~self.padding_mask
         # index_fill_ rather than ``mask[:, idx] = True``: on CUDA that index_put_ syncs the host.
         mask = torch.zeros_like(self.positions, dtype=torch.bool).index_fill_(1, self.window_idx.long(), True)
         return mask & ~self.padding_mask
+
+    @cached_property
+    def window_query_positions(self) -> Tensor:
+        """``[B, W]`` original positions of the window queries; ``-1`` where the query is padding
+        or (rows with different windows) not in that row's window, so it counts for nothing."""
+        positions = self.positions[:, self.window_idx]
+        if self.window_rows is None:
+            return positions
+        in_row = self.window_rows[:, self.window_idx]
+        return torch.where(in_row, positions, torch.full_like(positions, PADDING_POSITION))
 
     @cached_property
     def protected_mask(self) -> Tensor:

@@ -248,10 +248,10 @@ def test_tokens_after_the_question_always_continue_through_propagation(model_pai
     ours.set_compression(CompressionConfig())
 
 
-def _decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def _decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor, cache=None) -> torch.Tensor:
     """Logits ``[B, 1 + T, V]``: after the prompt, then after each forced token of ``steps [B, T]``,
     through direct ``model(...)`` calls that pass the attention mask but no ``position_ids``."""
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
     rows = [out.logits[:, -1]]
     for t in range(steps.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -293,6 +293,33 @@ def test_direct_decode_calls_on_a_left_padded_batch_take_positions_from_the_mask
         got = _decode_logits(ours, ids, mask, steps)
         for row, prompt in enumerate((long_, short)):
             ref = _decode_logits(ours, prompt, torch.ones_like(prompt), steps[row : row + 1])
+            assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@pytest.mark.parametrize("preset", ["default", "lossless8"])
+@torch.no_grad()
+def test_a_left_padded_batch_with_a_question_per_row_decodes_like_each_row_alone(model_pair, preset):
+    # Rows of different lengths, each with its own question window: every row is compressed on
+    # its own tokens (tier sizes from its own length), so its logits are those of its single run.
+    ours, _ = model_pair
+    ours.set_compression(_config(preset, **{"quantizer.residual_length": 16}))
+    try:
+        long_, short = _ids(160, seed=1), _ids(110, seed=2)
+        questions = (torch.arange(120, 140), torch.arange(60, 70))  # in each row's own token indices
+        pad = long_.shape[1] - short.shape[1]
+        ids = torch.cat([long_, torch.cat([torch.full((1, pad), 1), short], dim=1)])
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        window = torch.zeros_like(ids, dtype=torch.bool)
+        window[0, questions[0]] = True
+        window[1, questions[1] + pad] = True
+        steps = _ids(5, batch=2, seed=9)
+        got = _decode_logits(ours, ids, mask, steps, ours.new_cache(window))
+        assert not torch.allclose(got[0], got[1])
+        for row, (prompt, question) in enumerate(zip((long_, short), questions)):
+            ref = _decode_logits(ours, prompt, torch.ones_like(prompt), steps[row : row + 1], ours.new_cache(question))
             assert torch.allclose(got[row], ref[0], atol=1e-4, rtol=1e-4), (row, (got[row] - ref[0]).abs().max())
     finally:
         ours.set_compression(CompressionConfig())

@@ -96,7 +96,28 @@ def _parts(layer: CompressedLayer, row: int, head: int) -> list[list[int]]:
 @settings(max_examples=40, deadline=None)
 @given(layers())
 def test_stored_tokens_partition_the_layer_and_follow_the_ranking(case) -> None:  # type: ignore[no-untyped-def]
+    # Rows that differ are compressed one by one (test below): the split is checked on each alone.
     keys, values, positions, scores, protected, params = case
+    for row in range(keys.shape[0]):
+        _check_partition(*_real_row(keys, values, positions, scores, protected, row), params)
+    # Rows alike (no padding, the same protected slots): one shared split of the whole batch.
+    alike = torch.arange(keys.shape[2]).repeat(keys.shape[0], 1)
+    _check_partition(keys, values, alike, scores, protected[-1:].expand_as(protected), params)
+
+
+def _real_row(keys, values, positions, scores, protected, row):  # type: ignore[no-untyped-def]
+    """Row ``row`` of a layer without its padding slots: what the row is alone."""
+    real = (positions[row] >= 0).nonzero().flatten()
+    return (
+        keys[row : row + 1, :, real],
+        values[row : row + 1, :, real],
+        positions[row : row + 1, real],
+        None if scores is None else scores[row : row + 1, :, real],
+        protected[row : row + 1, real],
+    )
+
+
+def _check_partition(keys, values, positions, scores, protected, params) -> None:  # type: ignore[no-untyped-def]
     layer = MixedPrecisionQuantizer(**params).compress(keys, values, positions, scores, protected)
     b, h, n, _ = keys.shape
     assert layer.kv_bytes == tensor_bytes(*_all_stored_tensors(layer))
@@ -133,6 +154,29 @@ def test_stored_tokens_partition_the_layer_and_follow_the_ranking(case) -> None:
             for part in parts[1:]:  # inside a tier: by position, padding last
                 real_part = [p for p in part if p >= 0]
                 assert part[: len(real_part)] == sorted(real_part)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers())
+def test_each_row_of_a_batch_is_stored_exactly_as_it_would_be_alone(case) -> None:  # type: ignore[no-untyped-def]
+    keys, values, positions, scores, protected, params = case
+    quantizer = MixedPrecisionQuantizer(**params)
+    batch = quantizer.compress(keys, values, positions, scores, protected)
+    widths = [t.bits for t in batch.tiers]
+    for row in range(keys.shape[0]):
+        alone = quantizer.compress(*_real_row(keys, values, positions, scores, protected, row))
+        pairs = [(batch.residual_positions[row : row + 1], batch.residual_keys[row : row + 1], alone.residual_positions, alone.residual_keys)]
+        for tier in alone.tiers:
+            mine = batch.tiers[widths.index(tier.bits)]
+            got = quantizer.dequantize(mine.keys, torch.float32)[row : row + 1], quantizer.dequantize(mine.values, torch.float32)[row : row + 1]
+            ref = quantizer.dequantize(tier.keys, torch.float32), quantizer.dequantize(tier.values, torch.float32)
+            pairs += [(mine.positions[row : row + 1], torch.cat(got, -1), tier.positions, torch.cat(ref, -1))]
+        for got_pos, got_x, ref_pos, ref_x in pairs:
+            k = ref_pos.shape[-1]
+            assert torch.equal(got_pos[..., :k], ref_pos) and bool((got_pos[..., k:] == -1).all()), "fillers come last, masked"
+            assert torch.equal(got_x[:, :, :k], ref_x), "the row's stored values are those of its single run"
+        stored = sum(t.n_tokens for t in alone.tiers if t.bits not in widths)
+        assert stored == 0, "every width the row uses exists in the batch"
 
 
 @settings(max_examples=25, deadline=None)
@@ -203,14 +247,14 @@ def test_rows_with_different_padding_stay_regular() -> None:
     layer = MixedPrecisionQuantizer(frac_8bit=0.5, frac_4bit=0.5, residual_length=4, group_size=8).compress(
         keys, values, positions, scores, protected
     )
-    # Row 0 has 18 candidates, row 1 only 8 real ones: its last ranks are padding, stored as -1.
+    # Row 0 has 18 candidates (9 + 9), row 1 only 8 real ones: alone it stores 4 + 4, and in
+    # the batch each of its tiers is topped up with 5 filler slots (position -1) at the end.
     assert layer.residual_positions.shape == (2, 2, 6) and layer.dropped_tokens == 0
     assert [t.n_tokens for t in layer.tiers] == [9, 9]
     row1 = sorted(p for t in layer.tiers for p in t.positions[1, 0].tolist())
     assert row1 == [-1] * 10 + list(range(2, 10))
-    # Real tokens rank before padding: row 1's 8-bit tier holds all 8, then one padding slot.
-    assert layer.tiers[0].positions[1].tolist() == [list(range(2, 10)) + [-1]] * 2
-    assert bool((layer.tiers[1].positions[1] == -1).all())
+    for tier in layer.tiers:
+        assert bool((tier.positions[1, :, :4] >= 2).all()) and bool((tier.positions[1, :, 4:] == -1).all())
 
 
 def test_residual_covers_everything_when_the_layer_is_short() -> None:

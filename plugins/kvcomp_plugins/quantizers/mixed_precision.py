@@ -21,6 +21,7 @@ from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends
 from kvcomp_plugins.quantizers.packing import validate_quant_args
+from kvcomp_plugins.quantizers.rows import compress_rows, rows_differ
 from kvcomp_plugins.quantizers.tiers import gather_parts, split_tokens
 
 DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.35, "frac_2bit": 0.15, "frac_drop": 0.4}
@@ -136,8 +137,13 @@ class MixedPrecisionQuantizer:
 
         Returns:
             :class:`CompressedLayer`; ``dropped_tokens`` counts dropped slots per (batch row, KV head).
+
+        A row of a batch is stored exactly as it would be alone: rows that differ (padding, their
+        own question) are compressed one by one and stacked with filler slots (:mod:`.rows`).
         """
         self._check_layer(keys, values, positions, scores, protected)
+        if rows_differ(positions, protected):
+            return compress_rows(self.compress, keys, values, positions, scores, protected)
         split = split_tokens(positions, scores, protected, keys.shape[1], self.residual_length, self.tier_fractions)
         b, h = keys.shape[:2]
         idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]

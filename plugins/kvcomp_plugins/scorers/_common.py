@@ -100,6 +100,8 @@ def check_observation(obs: LayerObservation) -> None:
         raise ValueError(f"window_idx must be [W={w}], got shape {tuple(obs.window_idx.shape)}")
     if tuple(obs.positions.shape) != (b, n):
         raise ValueError(f"positions must be [B={b}, N={n}], got shape {tuple(obs.positions.shape)}")
+    if obs.window_rows is not None and tuple(obs.window_rows.shape) != (b, n):
+        raise ValueError(f"window_rows must be [B={b}, N={n}], got shape {tuple(obs.window_rows.shape)}")
     if obs.n_original < 1 or obs.n_sink < 0:
         raise ValueError(f"n_original must be >= 1 and n_sink >= 0, got {obs.n_original} and {obs.n_sink}")
 
@@ -107,11 +109,6 @@ def check_observation(obs: LayerObservation) -> None:
 def candidate_mask(obs: LayerObservation) -> Tensor:
     """``[B, N]`` bool: real (non-padding) tokens that are not protected, i.e. the ones ranked."""
     return ~obs.padding_mask & ~obs.protected_mask
-
-
-def _window_query_positions(obs: LayerObservation) -> Tensor:
-    """``[B, W]`` int64 original positions of the window queries (``-1`` for padding)."""
-    return obs.positions[:, obs.window_idx]
 
 
 def _grouped(queries: Tensor, h_kv: int) -> Tensor:
@@ -145,7 +142,7 @@ def window_attention(obs: LayerObservation) -> Tensor:
     queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
     g, w = queries.shape[2], queries.shape[3]
 
-    q_pos = _window_query_positions(obs)  # [B, W]
+    q_pos = obs.window_query_positions  # [B, W]
     q_valid = q_pos >= 0
     k_pos = obs.positions
     # [B, 1, 1, W, N]: a valid query always sees its own key, so no valid row is empty.
@@ -207,7 +204,7 @@ def content_relevance(obs: LayerObservation) -> Tensor:
     keys = obs.keys_pre_rope.float()
     h_kv = keys.shape[1]
     queries = _grouped(obs.queries_pre_rope.float(), h_kv)  # [B, H_kv, g, W, d]
-    q_valid = (_window_query_positions(obs) >= 0)[:, None, None, :, None]  # [B, 1, 1, W, 1]
+    q_valid = (obs.window_query_positions >= 0)[:, None, None, :, None]  # [B, 1, 1, W, 1]
     # Only the direction of the mean matters: average the scaled queries.
     q_scaled = queries / _abs_max(queries, (2, 3, 4)) * q_valid
     q_mean = q_scaled.sum(dim=(2, 3))  # [B, H_kv, d]
