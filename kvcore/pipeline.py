@@ -121,7 +121,6 @@ class KVCompPipeline:
         return ids[None], window
 
     # -- generation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self,
         prompt: str,
@@ -138,73 +137,136 @@ class KVCompPipeline:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` (stops at EOS or a stop string).
 
         ``stop``: strings that end decoding as soon as the decoded text contains one; the text is
-        cut before the earliest of them (``token_ids`` keep every generated token). One prompt
-        per call; for a batch, call ``self.model.generate`` on left-padded ``input_ids``.
+        cut before the earliest of them (``token_ids`` keep every generated token). For several
+        prompts at once see :meth:`generate_batch`.
         """
         check_prompt(prompt, question_span)
+        return self.generate_batch(
+            [prompt],
+            question_spans=[question_span],
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            truncate=truncate,
+            stop=stop,
+        )[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        question_spans: Sequence[tuple[int, int] | None] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        truncate: Literal["error", "middle"] = "error",
+        stop: Sequence[str] = (),
+    ) -> list[GenerationResult]:
+        """:meth:`generate` for several prompts in one left-padded batch: one prefill, one decode
+        step per token for all rows; each row stops on its own and keeps its own question span.
+
+        A row's compression does not depend on its neighbours (padding and other rows' questions
+        change nothing), so greedy rows give what :meth:`generate` gives for each prompt alone,
+        up to floating-point summation order. Sampling draws from one generator for the batch, so
+        a seeded batch does not reproduce the same prompts sampled one at a time.
+
+        Cost fields per row: ``ttft_s`` is the batch's prefill; ``decode_tokens_per_s`` the row's
+        tokens over the time until it finished; ``kv_bytes`` the batch's cache divided by the rows
+        (padding and filler slots are stored, so this is what a row really costs in the batch);
+        ``kv_bytes_fp16_full`` an fp16 cache of the row's own tokens.
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r:.60}")
+        spans = list(question_spans) if question_spans is not None else [None] * len(prompts)
+        if len(spans) != len(prompts):
+            raise ValueError(f"got {len(spans)} question spans for {len(prompts)} prompts")
+        for prompt, span in zip(prompts, spans):
+            check_prompt(prompt, span)
         _check_int("max_new_tokens", max_new_tokens, minimum=1)
         stop = check_stop_strings(stop)
         if seed is not None:
             _check_int("seed", seed, minimum=0)
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        input_ids, window = self.encode(prompt, question_span, max_new_tokens, truncate)
+        encoded = [self.encode(p, span, max_new_tokens, truncate) for p, span in zip(prompts, spans)]
         device = next(self.model.parameters()).device
-        input_ids = input_ids.to(device)
+        input_ids, mask, window = _left_pad(encoded, _pad_id(self.tokenizer))
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        b = input_ids.shape[0]
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        compressed = self.model.compressor is not None
-        cache: Any = self.model.new_cache(window) if compressed else DynamicCache(config=self.model.config)
+        cache: Any = self.model.new_cache(window) if self.model.compressor is not None else DynamicCache(config=self.model.config)
+        lengths = mask.sum(dim=1)  # [B] real prompt tokens
+        # Without padding no mask is passed: SDPA then takes its causal kernel, as a plain model does.
+        padded = not bool(mask.all())
 
         start = time.perf_counter()
         # Only the last position's logits are needed; without logits_to_keep=1 the uncompressed
         # model would run its LM head over the whole prompt, inflating the baseline's TTFT.
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask if padded else None,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = out.cache
         logits = out.logits[:, -1].float()
         token = _next_token(logits, do_sample, temperature, top_p, generator)
         ttft = time.perf_counter() - start
-        first_logprobs = torch.log_softmax(logits[0], dim=-1).cpu()
+        first_logprobs = torch.log_softmax(logits, dim=-1).cpu()
 
-        generated = [int(token)]
         eos = _eos_ids(self.tokenizer, self.model)
-
-        def stopped() -> bool:
-            # The whole text is decoded each step: a stop string may span tokens, and a token's
-            # text can depend on its neighbours. Cheap next to a decode step.
-            return bool(stop) and cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), stop) is not None
-
+        rows = [_Row(self.tokenizer, eos, stop, max_new_tokens, int(t)) for t in token.tolist()]
         decode_start = time.perf_counter()
-        while len(generated) < max_new_tokens and generated[-1] not in eos and not stopped():
-            out = self.model(input_ids=token.view(1, 1), cache=cache, use_cache=True)
+        step = 0
+        while not all(row.done for row in rows):
+            # Finished rows keep decoding a pad token (their output is no longer read): one
+            # forward serves the whole batch.
+            feed = torch.tensor([[row.last] for row in rows], dtype=torch.long, device=device)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            out = self.model(
+                input_ids=feed,
+                attention_mask=mask if padded else None,
+                position_ids=(lengths + step)[:, None] if padded else None,
+                cache=cache,
+                use_cache=True,
+            )
             token = _next_token(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
-            generated.append(int(token))
-        decode_s = time.perf_counter() - decode_start
-        n_decoded = len(generated) - 1
+            now = time.perf_counter() - decode_start
+            for row, t in zip(rows, token.tolist()):
+                row.push(int(t), now)
+            step += 1
 
-        n_prompt = input_ids.shape[1]
-        kv_fp16_full = kv_bytes_fp16_for_model(self.model.config, n_prompt + n_decoded)
-        if isinstance(cache, CompressedKVCache):
-            kv_bytes, kept = cache.kv_bytes, cache.tokens_kept_per_layer()
-        else:
-            kv_bytes = sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
-            kept = [layer.keys.shape[-2] for layer in cache.layers]
-        text_ids = [t for t in generated if t not in eos]
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        cut = cut_at_stop(text, stop)
-        return GenerationResult(
-            text=text if cut is None else text[:cut],
-            token_ids=generated,
-            prompt_tokens=n_prompt,
-            kv_bytes=kv_bytes,
-            kv_bytes_fp16_full=kv_fp16_full,
-            avg_bits=16.0 * kv_bytes / kv_fp16_full,
-            tokens_kept_per_layer=kept,
-            ttft_s=ttft,
-            decode_tokens_per_s=n_decoded / decode_s if n_decoded and decode_s > 0 else 0.0,
-            peak_rss_bytes=peak_memory_bytes(device),
-            first_token_logprobs=first_logprobs,
-        )
-
+        kv_bytes = _cache_bytes(cache) // b
+        kept = cache.tokens_kept_per_layer() if isinstance(cache, CompressedKVCache) else [layer.keys.shape[-2] for layer in cache.layers]
+        peak = peak_memory_bytes(device)
+        results = []
+        for i, row in enumerate(rows):
+            n_prompt, n_decoded = int(lengths[i]), len(row.generated) - 1
+            kv_fp16_full = kv_bytes_fp16_for_model(self.model.config, n_prompt + n_decoded)
+            results.append(
+                GenerationResult(
+                    text=row.text(),
+                    token_ids=row.generated,
+                    prompt_tokens=n_prompt,
+                    kv_bytes=kv_bytes,
+                    kv_bytes_fp16_full=kv_fp16_full,
+                    avg_bits=16.0 * kv_bytes / kv_fp16_full,
+                    tokens_kept_per_layer=kept,
+                    ttft_s=ttft,
+                    decode_tokens_per_s=n_decoded / row.finished_s if n_decoded and row.finished_s > 0 else 0.0,
+                    peak_rss_bytes=peak,
+                    first_token_logprobs=first_logprobs[i].clone(),
+                )
+            )
+        return results
 
     @torch.no_grad()
     def continuation_logprobs(
@@ -234,6 +296,68 @@ class KVCompPipeline:
             out = self.model(input_ids=cont, cache=out.cache, position_ids=positions, use_cache=True)
             rows.append(out.logits[0].float())
         return torch.log_softmax(torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]), dim=-1).cpu()
+
+
+class _Row:
+    """One prompt's generated tokens in a batch, and when it stopped."""
+
+    def __init__(self, tokenizer: Any, eos: set[int], stop: tuple[str, ...], max_new_tokens: int, first: int) -> None:
+        self.tokenizer, self.eos, self.stop, self.max_new_tokens = tokenizer, eos, stop, max_new_tokens
+        self.generated = [first]
+        self.finished_s = 0.0
+        self.done = self._finished()
+
+    @property
+    def last(self) -> int:
+        return self.generated[-1]
+
+    def push(self, token: int, elapsed_s: float) -> None:
+        if self.done:
+            return
+        self.generated.append(token)
+        self.finished_s = elapsed_s
+        self.done = self._finished()
+
+    def _finished(self) -> bool:
+        if len(self.generated) >= self.max_new_tokens or self.generated[-1] in self.eos:
+            return True
+        # The whole text is decoded each step: a stop string may span tokens, and a token's
+        # text can depend on its neighbours. Cheap next to a decode step.
+        return bool(self.stop) and cut_at_stop(self.tokenizer.decode(self.generated, skip_special_tokens=True), self.stop) is not None
+
+    def text(self) -> str:
+        text = self.tokenizer.decode([t for t in self.generated if t not in self.eos], skip_special_tokens=True)
+        cut = cut_at_stop(text, self.stop)
+        return text if cut is None else text[:cut]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _left_pad(encoded: list[tuple[Tensor, Tensor | None]], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Left-pad ``[1, N_i]`` prompts into ``input_ids``/``attention_mask`` ``[B, N]`` and each row's
+    question tokens into a ``[B, N]`` bool window (``None`` when no row has a question)."""
+    n = max(ids.shape[1] for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), n), dtype=torch.long)
+    window = torch.zeros((len(encoded), n), dtype=torch.bool)
+    for i, (ids, question) in enumerate(encoded):
+        pad = n - ids.shape[1]
+        input_ids[i, pad:] = ids[0]
+        mask[i, pad:] = 1
+        if question is not None:
+            window[i, question + pad] = True
+    return input_ids, mask, window if bool(window.any()) else None
+
+
+def _cache_bytes(cache: Any) -> int:
+    if isinstance(cache, CompressedKVCache):
+        return cache.kv_bytes
+    return sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
 
 
 def check_prompt(prompt: Any, question_span: Any = None) -> None:

@@ -161,3 +161,53 @@ def test_stop_strings_end_decoding(pipe):
 def test_bad_stop_strings_are_refused(pipe, bad):
     with pytest.raises(ValueError, match="stop must be a sequence of non-empty strings"):
         pipe.generate(PROMPT, max_new_tokens=2, stop=bad)
+
+
+BATCH = [
+    ("the lazy dog sleeps while the fox runs. " * 6 + "Who sleeps?", "Who sleeps?"),
+    ("a short one. " * 2 + "Why?", "Why?"),
+    (PROMPT, None),
+]
+
+
+@pytest.mark.parametrize("preset", ["full", "default", "lossless8", "fast"])
+def test_a_batch_gives_each_prompt_what_it_gets_alone(pipe, preset):
+    overrides = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0} if preset == "fast" else {}
+    pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
+    prompts = [p for p, _ in BATCH]
+    spans = [None if q is None else (p.rindex(q), len(p)) for p, q in BATCH]
+    batch = pipe.generate_batch(prompts, question_spans=spans, max_new_tokens=8)
+    for prompt, span, got in zip(prompts, spans, batch):
+        alone = pipe.generate(prompt, question_span=span, max_new_tokens=8)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+        assert got.prompt_tokens == alone.prompt_tokens and got.kv_bytes_fp16_full == alone.kv_bytes_fp16_full
+        assert torch.allclose(got.first_token_logprobs, alone.first_token_logprobs, atol=1e-4)
+    assert len({r.kv_bytes for r in batch}) == 1, "the batch's cache is shared out evenly"
+
+
+def test_each_row_of_a_batch_stops_on_its_own(pipe):
+    pipe.set_config(CompressionConfig.from_preset("default"))
+    prompts = [p for p, _ in BATCH]
+    free = pipe.generate_batch(prompts, max_new_tokens=10)
+    ids = free[0].token_ids
+    stop = pipe.tokenizer.decode(ids[2:4])
+    got = pipe.generate_batch(prompts, max_new_tokens=10, stop=[stop])
+    needed = next(n for n in range(1, len(ids) + 1) if stop in pipe.tokenizer.decode(ids[:n]))
+    assert got[0].token_ids == ids[:needed] < ids and stop not in got[0].text
+    for row, ref in zip(got[1:], free[1:]):  # the others run on, unless the string shows up there too
+        text = pipe.tokenizer.decode(ref.token_ids)
+        assert row.token_ids == ref.token_ids or stop in text
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "error", "match"),
+    [
+        ("one str", {}, TypeError, "non-empty list of str"),
+        ([], {}, TypeError, "non-empty list of str"),
+        (["a b", "c d"], {"question_spans": [None]}, ValueError, "1 question spans for 2 prompts"),
+        (["a b", ""], {}, ValueError, "empty"),
+    ],
+)
+def test_a_bad_batch_is_refused_before_any_work(pipe, prompts, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pipe.generate_batch(prompts, **kwargs)

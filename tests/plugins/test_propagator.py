@@ -121,19 +121,18 @@ def test_no_scores_keeps_the_most_recent() -> None:
     assert keep.tolist() == [[0, 1] + list(range(12, 20))]
 
 
-def test_padding_is_dropped_first() -> None:
-    # Row 1 has 10 padding slots; the batch keeps 12 of 20 per row.
+def test_a_padded_row_keeps_what_it_keeps_alone_and_fills_up_with_padding() -> None:
+    # Row 1 has 10 padding slots: it keeps 0.6 of its own 10 tokens, the long row 0.6 of 20.
     scores, positions, protected = make_inputs(2, 20, pad=[0, 10], window=4, n_sink=2)
-    scores[1, :, :10] = 100.0  # even absurd scores on padding do not rescue it
+    scores[1, :, :10] = 100.0  # even absurd scores on padding do not make it a real choice
     scores[1, 0, 3] = float("nan")
-    keep = make_propagator({0: 0.6}).select(0, scores, positions, protected, 20)
-    assert keep.shape == (2, 12)
+    prop = make_propagator({0: 0.7})
+    keep = prop.select(0, scores, positions, protected, 20)
+    assert keep.shape == (2, 14)
     kept_pos = positions.gather(1, keep)
-    assert (kept_pos[1] >= 0).sum() == 10  # all real tokens of the short row continue
-    assert (kept_pos[0] >= 0).all()
-    # Fewer slots than padding + real: padding goes before any real token.
-    keep = make_propagator({0: 0.5}).select(0, scores, positions, protected, 20)
-    assert (positions.gather(1, keep)[1] >= 0).all()
+    assert (kept_pos[0] >= 0).all() and int((kept_pos[1] >= 0).sum()) == 7
+    alone = prop.select(0, scores[1:, :, 10:], positions[1:, 10:], protected[1:, 10:], 10)
+    assert kept_pos[1][kept_pos[1] >= 0].tolist() == positions[1:, 10:].gather(1, alone)[0].tolist()
 
 
 def test_protected_tokens_raise_n_keep() -> None:

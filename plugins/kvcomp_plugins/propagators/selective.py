@@ -17,7 +17,7 @@ from torch import Tensor
 from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.types import PADDING_POSITION
 
-_TIER_PROTECTED, _TIER_REAL, _TIER_PADDING = 2, 1, 0
+_TIER_PROTECTED, _TIER_REAL, _TIER_PADDING, _TIER_SURPLUS = 3, 2, 1, 0
 
 
 class SelectiveConfig(BaseModel):
@@ -163,7 +163,14 @@ class SelectivePropagator:
 
         padding = positions == PADDING_POSITION
         keep_protected = protected.bool() & ~padding
-        n_keep = max(self.n_keep(layer_idx, n_original), int(keep_protected.sum(dim=1).max().item()) if b else 0)
+        # Each row keeps what it would keep alone: its ratio of its *own* prompt (a left-padded
+        # row's length is its last position + 1), at least its protected tokens. Rows keeping
+        # fewer than the batch's n_keep fill up with their padding slots (masked everywhere).
+        row_original = (positions.amax(dim=1).clamp_min(0) + 1).tolist() if b > 1 else [n_original] * b
+        row_keep = torch.tensor([self.n_keep(layer_idx, int(n_row)) for n_row in row_original], device=positions.device)
+        n_prot = keep_protected.sum(dim=1)
+        row_keep = torch.maximum(row_keep, n_prot)
+        n_keep = int(row_keep.max()) if b else 0
         if n_keep >= n:
             return None
 
@@ -175,12 +182,19 @@ class SelectivePropagator:
             rank_value = scores.float().amax(dim=1)
         # Padding slots may hold anything (even NaN); they are ranked by tier alone.
         rank_value = torch.nan_to_num(rank_value, nan=0.0)
-        tier = torch.full_like(positions, _TIER_REAL)
+        by_value = torch.sort(rank_value, dim=1, descending=True, stable=True).indices
+        # A row's best (row_keep - protected) real tokens make its budget; the rest rank below
+        # padding, so they fill a row only when it has no padding slot left.
+        candidate = ~padding & ~keep_protected
+        sorted_candidate = candidate.gather(1, by_value)
+        in_budget_sorted = sorted_candidate & (sorted_candidate.cumsum(dim=1) <= (row_keep - n_prot)[:, None])
+        in_budget = torch.zeros_like(candidate).scatter(1, by_value, in_budget_sorted)
+        tier = torch.full_like(positions, _TIER_SURPLUS)
         tier = torch.where(padding, torch.full_like(tier, _TIER_PADDING), tier)
+        tier = torch.where(in_budget, torch.full_like(tier, _TIER_REAL), tier)
         tier = torch.where(keep_protected, torch.full_like(tier, _TIER_PROTECTED), tier)
 
         # Lexicographic order (tier, then value), both descending: sort by value, then stably by tier.
-        by_value = torch.sort(rank_value, dim=1, descending=True, stable=True).indices
         by_tier = torch.sort(tier.gather(1, by_value), dim=1, descending=True, stable=True).indices
         order = by_value.gather(1, by_tier)
         return torch.sort(order[:, :n_keep], dim=1).values.to(torch.int64)
