@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvcore.config import CompressionConfig, ConfigError, format_validation_error, load_config
 
@@ -48,8 +48,17 @@ class KVCompLMArgs(BaseModel):
     seed: int = 1234
     """Seed of sampled generation (request ``i`` uses ``seed + i``)."""
     batch_size: int | str = 1
-    """Accepted for lm-eval's ``--batch_size``; requests run one at a time."""
+    """Generation requests per left-padded batch (lm-eval's ``--batch_size``; a digit string is
+    taken too). ``auto`` is refused: probing memory for a batch size is not implemented."""
     max_batch_size: int | None = None
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_is_a_positive_int(cls, value: Any) -> int:
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError(f"batch_size must be a positive integer (e.g. --batch_size 4), got {value!r}")
+        return number
 
 
 def parse_model_args(kwargs: dict[str, Any]) -> tuple[KVCompLMArgs, CompressionConfig]:

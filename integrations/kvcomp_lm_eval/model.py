@@ -8,8 +8,9 @@ Generation runs :class:`~kvcore.pipeline.KVCompPipeline`: the prompt is prefille
 compressed layer by layer, then decoding reads the compressed cache. Log-likelihoods prefill the
 *context* the same way and score the continuation through that compressed cache, so a
 multiple-choice task measures the compressed model too (``loglikelihood=full`` scores on the
-ordinary uncompressed forward instead). Requests run one at a time; cache cost (KV bytes against an
-fp16 cache of the same tokens) is summed per request type and logged at the end of each call.
+ordinary uncompressed forward instead). Generation runs ``batch_size`` requests at a time (left-padded,
+a question span per row); log-likelihoods run one at a time. Cache cost (KV bytes against an fp16
+cache of the same tokens) is summed per request type and logged at the end of each call.
 """
 
 from __future__ import annotations
@@ -92,8 +93,6 @@ class KVCompLM(LM):
         self.args, config = parse_model_args(model_args)
         self.accelerator: Any = None
         device = self._setup_processes(self.args.device)
-        if self.args.batch_size not in (1, "1"):
-            logger.warning("%s runs one request at a time; batch_size=%s is ignored", MODEL_NAME, self.args.batch_size)
         if pipeline is None:
             pipeline = KVCompPipeline.from_pretrained(
                 self.args.pretrained, config, dtype=_DTYPES[self.args.dtype], device=device
@@ -193,7 +192,8 @@ class KVCompLM(LM):
             self.accelerator.wait_for_everyone()
 
     def _progress(self, requests: list[Instance], desc: str, disable: bool) -> Any:
-        return tqdm(requests, desc=f"{MODEL_NAME} {desc}", disable=disable or self.rank != 0)
+        """A bar over ``requests``: iterate it, or call ``update`` on it."""
+        return tqdm(requests, total=len(requests), desc=f"{MODEL_NAME} {desc}", disable=disable or self.rank != 0)
 
     def _log_cost(self, kind: str) -> None:
         cost = self.cost.get(kind)
@@ -202,26 +202,51 @@ class KVCompLM(LM):
 
     # -- generation ---------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with ``do_sample``) generation until a stop string or ``max_gen_toks``."""
-        outputs = []
+        """Greedy (or sampled, with ``do_sample``) generation until a stop string or ``max_gen_toks``.
+
+        Greedy requests with the same generation kwargs run ``batch_size`` at a time, longest
+        prompts first (left-padded; each row keeps its own question span and stops on its own, and
+        gives the text it gives alone). Sampled requests run one at a time, request ``i`` seeded
+        with ``seed + i``, so their draws do not depend on the batch size.
+        """
+        jobs = [self._generation_job(i, request) for i, request in enumerate(requests)]
+        outputs: list[str] = [""] * len(jobs)
         cost = self.cost.setdefault("generate_until", CacheCost())
-        for i, request in enumerate(self._progress(requests, "generate_until", disable_tqdm)):
-            context, gen_kwargs = request.args
-            until, options = self._generation_options(gen_kwargs)
-            prompt = self._fit_prompt(context, options["max_new_tokens"])
-            span = self._question_span(getattr(request, "doc", None), prompt)
-            seed = self.args.seed + i if options["do_sample"] else None
-            # Decoding ends at the first stop string (not after max_gen_toks); the cut is then a no-op
-            # kept for texts whose stop string only appears once EOS tokens are dropped.
-            result = self.pipeline.generate(
-                prompt, question_span=span, seed=seed, truncate=self.args.truncate, stop=until, **options
+        progress = self._progress(requests, "generate_until", disable_tqdm)
+        for batch in _batches(jobs, self.args.batch_size):
+            first = batch[0]
+            results = self.pipeline.generate_batch(
+                [job.prompt for job in batch],
+                question_spans=[job.span for job in batch],
+                seed=first.seed,
+                truncate=self.args.truncate,
+                stop=list(first.until),
+                **first.options,
             )
-            text = cut_at_stop(result.text, until)
-            cost.add(result.kv_bytes, result.kv_bytes_fp16_full, result.ttft_s)
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            outputs.append(text)
+            for job, result in zip(batch, results):
+                # Decoding ends at the first stop string (not after max_gen_toks); the cut is then a
+                # no-op kept for texts whose stop string only appears once EOS tokens are dropped.
+                text = cut_at_stop(result.text, list(job.until))
+                cost.add(result.kv_bytes, result.kv_bytes_fp16_full, result.ttft_s)
+                self.cache_hook.add_partial("generate_until", requests[job.index].args, text)
+                outputs[job.index] = text
+            progress.update(len(batch))
+        progress.close()
         self._log_cost("generate_until")
         return outputs
+
+    def _generation_job(self, index: int, request: Instance) -> "_GenerationJob":
+        context, gen_kwargs = request.args
+        until, options = self._generation_options(gen_kwargs)
+        prompt = self._fit_prompt(context, options["max_new_tokens"])
+        return _GenerationJob(
+            index=index,
+            prompt=prompt,
+            span=self._question_span(getattr(request, "doc", None), prompt),
+            until=tuple(until),
+            options=options,
+            seed=self.args.seed + index if options["do_sample"] else None,
+        )
 
     def _generation_options(self, gen_kwargs: Any) -> tuple[list[str], dict[str, Any]]:
         """``until`` stop strings and the :meth:`KVCompPipeline.generate` keywords of a request."""
@@ -360,6 +385,39 @@ class KVCompLM(LM):
         total = float(logprobs.gather(-1, cont[:, None]).sum())
         greedy = bool((logits.argmax(dim=-1) == cont).all())
         return total, greedy
+
+
+@dataclass(frozen=True)
+class _GenerationJob:
+    """One ``generate_until`` request, ready for the pipeline."""
+
+    index: int
+    prompt: str
+    span: tuple[int, int] | None
+    until: tuple[str, ...]
+    options: dict[str, Any]
+    seed: int | None
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Requests that may share a batch: same stop strings and generation options."""
+        return (self.until, tuple(sorted(self.options.items())))
+
+
+def _batches(jobs: list[_GenerationJob], batch_size: int) -> list[list[_GenerationJob]]:
+    """Greedy jobs grouped by :attr:`_GenerationJob.group`, longest prompts first (less padding
+    per batch), cut into batches of ``batch_size``; sampled jobs alone, in request order."""
+    groups: dict[tuple[Any, ...], list[_GenerationJob]] = {}
+    batches = []
+    for job in jobs:
+        if job.seed is not None:
+            batches.append([job])
+        else:
+            groups.setdefault(job.group, []).append(job)
+    for group in groups.values():
+        group.sort(key=lambda job: len(job.prompt), reverse=True)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
 
 
 def cut_at_stop(text: str, until: list[str]) -> str:

@@ -244,15 +244,17 @@ def test_cut_at_stop(text: str, until: list[str]) -> None:
 
 
 def _spy_generate(lm: KVCompLM, monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], Any]]:
+    """Record every row the pipeline generates: its prompt, span and keywords, and its result."""
     calls: list[tuple[dict[str, Any], Any]] = []
-    original = lm.pipeline.generate
+    original = lm.pipeline.generate_batch
 
-    def spy(prompt: str, **kwargs: Any) -> Any:
-        result = original(prompt, **kwargs)
-        calls.append(({"prompt": prompt, **kwargs}, result))
-        return result
+    def spy(prompts: list[str], *, question_spans: list[Any], **kwargs: Any) -> Any:
+        results = original(prompts, question_spans=question_spans, **kwargs)
+        for prompt, span, result in zip(prompts, question_spans, results):
+            calls.append(({"prompt": prompt, "question_span": span, "batch": len(prompts), **kwargs}, result))
+        return results
 
-    monkeypatch.setattr(lm.pipeline, "generate", spy)
+    monkeypatch.setattr(lm.pipeline, "generate_batch", spy)
     return calls
 
 
@@ -289,6 +291,34 @@ def test_generate_until_passes_the_question_span(lm_default: KVCompLM, context: 
     for doc in ({}, {"input": ""}, {"question": "not in the prompt"}):
         lm_default.generate_until([_instance("generate_until", (prompt, {"max_gen_toks": 2}), doc)])
         assert calls[-1][0]["question_span"] is None
+
+
+def test_generate_until_in_batches_gives_the_texts_of_one_at_a_time(
+    lm_default: KVCompLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Five documents of different lengths, each with its own question; one has other gen kwargs.
+    docs = [" ".join(_sentences(3 + 4 * i, seed=i)) for i in range(5)]
+    questions = [f"What happened in part {i}?" for i in range(5)]
+    kwargs = [{"until": ["\n"], "max_gen_toks": 6}] * 4 + [{"until": ["."], "max_gen_toks": 6}]
+    requests = [
+        _instance("generate_until", (f"{doc}\nQuestion: {q}\nAnswer:", kw), {"input": q}, idx=i)
+        for i, (doc, q, kw) in enumerate(zip(docs, questions, kwargs))
+    ]
+    one = lm_default.generate_until(requests)
+    batched = KVCompLM(pipeline=lm_default.pipeline, preset="default", max_gen_toks=16, batch_size="3")
+    calls = _spy_generate(batched, monkeypatch)
+    assert batched.generate_until(requests) == one
+    # Four requests share kwargs (a batch of 3, then 1), the fifth has its own stop string.
+    assert sorted(c["batch"] for c, _ in calls) == [1, 1, 3, 3, 3]
+    assert all(c["question_span"] is not None for c, _ in calls), "each row keeps its own question"
+    lengths = [len(c["prompt"]) for c, _ in calls if c["batch"] == 3]
+    assert lengths == sorted(lengths, reverse=True), "longest prompts first"
+
+
+@pytest.mark.parametrize("bad", ["auto", "auto:4", 0, "-1", 2.5])
+def test_a_batch_size_that_is_not_a_positive_int_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        parse_model_args({"batch_size": bad})
 
 
 def test_generate_until_sampling_is_seeded(lm_default: KVCompLM, context: str) -> None:
@@ -619,10 +649,13 @@ def _samples(out: Path) -> dict[int, list[str]]:
     return {row["doc_id"]: row["filtered_resps"] for row in rows}
 
 
-def test_two_cpu_processes_give_the_outputs_of_one(tiny_model_dir: Path, local_longbench_tasks: Path, tmp_path: Path) -> None:
+def test_two_cpu_processes_and_batches_give_the_outputs_of_one(
+    tiny_model_dir: Path, local_longbench_tasks: Path, tmp_path: Path
+) -> None:
     """``torchrun --standalone --nproc_per_node 2 -m lm_eval --model kvcomp-llama``: the model joins
     the process group through accelerate (MULTI_CPU over gloo), lm-eval splits the requests over
     the two ranks and gathers them, and every document's output equals the single-process run's.
+    So does every output of one process with ``--batch_size 4``.
 
     On CPUs torchrun is the launcher: ``accelerate launch --cpu --num_processes 2`` starts a single
     process unless MPI is installed. ``accelerate launch --multi_gpu`` sets up the same environment.
@@ -647,3 +680,6 @@ def test_two_cpu_processes_give_the_outputs_of_one(tiny_model_dir: Path, local_l
     one_out, two_out = _samples(tmp_path / "one" / "results"), _samples(two / "results")
     assert sorted(two_out) == [0, 1, 2, 3], "every document is answered once, by one of the two ranks"
     assert two_out == one_out
+    (tmp_path / "batch").mkdir()
+    _run_lm_eval([*args, "--batch_size", "4"], tmp_path / "batch", timeout=600)
+    assert _samples(tmp_path / "batch" / "results") == one_out
