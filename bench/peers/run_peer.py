@@ -10,7 +10,8 @@ Protocol
 Input: one JSON job (stdin, or ``--input FILE``)::
 
     {"model_path": "/path/to/hf/folder",
-     "prompts": [{"id": "p0", "text": "...", "question_span": [start, end]}],   # span optional
+     "prompts": [{"id": "p0", "text": "...", "question_span": [start, end],    # span optional
+                  "stop": ["\\n"]}],                                          # optional stop strings
      "methods": [{"name": "snapkv", "params": {"compression_ratio": 0.5}}],
      "max_new_tokens": 8,
      "teacher_tokens": {"p0": [ids...]},            # optional: fidelity by teacher forcing
@@ -173,6 +174,8 @@ class PromptSpec(BaseModel):
     id: Annotated[str, Field(min_length=1)]
     text: str
     question_span: tuple[int, int] | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Decoding ends once the decoded text holds one of these; the text is cut before it."""
 
     @field_validator("text")
     @classmethod
@@ -546,6 +549,10 @@ class PeerRunner:
             self._self_reference[key] = self._teacher_rows(cache, logits, len(ids), teacher, len(teacher) + 1)
         return self._self_reference[key], "self"
 
+    def _stopped(self, generated: list[int], stop: list[str]) -> bool:
+        # The whole text each step, as kvcomp does: a stop string may span tokens.
+        return bool(stop) and _stop_index(self.tokenizer.decode(generated, skip_special_tokens=True), stop) is not None
+
     @torch.no_grad()
     def generate(self, name: str, params: _Params, prompt: PromptSpec, ids: list[int], q0: int | None, job: Job) -> dict[str, Any]:
         n_prompt = len(ids)
@@ -575,7 +582,7 @@ class PeerRunner:
 
         generated = [token]
         decode_start = time.perf_counter()
-        while len(generated) < job.max_new_tokens and generated[-1] not in self.eos:
+        while len(generated) < job.max_new_tokens and generated[-1] not in self.eos and not self._stopped(generated, prompt.stop):
             step = len(generated) - 1
             out = self.model(
                 input_ids=torch.tensor([[generated[-1]]], device=self.device),
@@ -590,13 +597,15 @@ class PeerRunner:
         full = fp16_full_bytes(self.model.config, n_prompt + n_decoded)
         full_prefill = fp16_full_bytes(self.model.config, n_prompt)
         text_ids = [t for t in generated if t not in self.eos]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        cut = _stop_index(text, prompt.stop)
         split = q0 is not None and q0 > 0 and not params.compress_question
         return {
             "event": "row",
             "id": prompt.id,
             "method": name,
             "params": params.model_dump(),
-            "text": self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            "text": text if cut is None else text[:cut],
             "token_ids": generated,
             "prompt_tokens": n_prompt,
             "compressed_tokens": q0 if split else n_prompt,
@@ -616,6 +625,12 @@ class PeerRunner:
             **fidelity,
             "_first_logprobs": first_logprobs,
         }
+
+
+def _stop_index(text: str, stop: list[str]) -> int | None:
+    """Index of the earliest stop string in ``text`` (kvcore.pipeline.cut_at_stop's rule), or ``None``."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
 
 
 def _check_installed(name: str, params: _Params) -> None:

@@ -28,6 +28,7 @@ from kvcomp_eval.data.longbench import (
 )
 from kvcomp_eval.evaluators.longbench import LongBenchEvaluator, summarize_scores_by_length
 from kvcomp_eval.evaluators.base import TextGenerator
+from kvcomp_eval.runs.suite import BenchExample
 from kvcomp_eval.data.tokenization import (
     DataCollator,
     char_span_to_token_span,
@@ -95,11 +96,13 @@ class ReadingGenerator:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.calls: list[tuple[str, tuple[int, int] | None, int]] = []
+        self.stops: list[tuple[str, ...]] = []
 
     def generate(
-        self, prompt: str, *, question_span: tuple[int, int] | None = None, max_new_tokens: int = 32
+        self, prompt: str, *, question_span: tuple[int, int] | None = None, max_new_tokens: int = 32, stop=()
     ) -> GenerationResult:
         self.calls.append((prompt, question_span, max_new_tokens))
+        self.stops.append(tuple(stop))
         n_prompt = count_prompt_tokens(self.tokenizer, prompt)
         assert n_prompt <= self.max_prompt_tokens
         tail = prompt[question_span[0] :] if question_span is not None else prompt
@@ -374,6 +377,18 @@ def test_evaluator_rows_and_task_means(tok: PreTrainedTokenizerFast, data_dir: P
     prompt, span, max_new = gen.calls[0]
     assert span is not None and prompt[span[0] : span[1]] == "abstract 1"
     assert max_new == DATASET2MAXLEN["passage_retrieval_en"]
+
+
+def test_few_shot_tasks_stop_at_a_newline_like_lm_eval(tok: PreTrainedTokenizerFast, data_dir: Path) -> None:
+    write_jsonl(
+        data_dir / "trec.jsonl",
+        [{"input": "What is 42?", "context": "Question: What is 7?\nType: Number", "answers": ["Number"], "_id": "t0", "all_classes": ["Number"]}],
+    )
+    gen = ReadingGenerator(tok, 400)
+    LongBenchEvaluator(gen, tasks=["trec", "hotpotqa"], data_dir=data_dir, progress=False).evaluate()
+    assert gen.stops == [("\n",), (), ()]
+    prepared = next(LongBenchEvaluator(gen, tasks="trec", data_dir=data_dir, progress=False).iter_prepared())
+    assert BenchExample.from_longbench(prepared).stop == ("\n",)
 
 
 def test_evaluator_limit_offset_span_switch_and_token_cap(tok: PreTrainedTokenizerFast, data_dir: Path) -> None:

@@ -62,3 +62,27 @@ def test_runner_fp16_bytes_equal_the_kernel_formula(
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * head_dim, **extra
     )
     assert runner.fp16_full_bytes(config, tokens) == kv_bytes_fp16_for_model(config, tokens)
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text("ab\n.", max_size=12), stop=st.lists(st.text("ab\n.", min_size=1, max_size=3), max_size=3))
+def test_runner_cuts_at_stop_strings_like_the_kernel(runner: ModuleType, text: str, stop: list[str]) -> None:
+    from kvcore.pipeline import cut_at_stop
+
+    assert runner._stop_index(text, stop) == cut_at_stop(text, stop)
+
+
+def test_stop_strings_travel_in_the_job_and_bad_ones_are_refused(runner: ModuleType, tmp_path: Path) -> None:
+    import json
+
+    from kvcomp_eval.peers.methods import PeerMethod, PeerPrompt
+
+    tiny_config().save_pretrained(tmp_path)  # parse_job checks the folder holds a LLaMA config
+    prompt = PeerPrompt("p0", "Q: what?\nA:", stop=("\n",))
+    job = {"model_path": str(tmp_path), "prompts": [prompt.to_json()], "methods": [PeerMethod("full", {}).to_json()]}
+    assert runner.parse_job(json.dumps(job)).prompts[0].stop == ["\n"]
+    job["prompts"][0]["stop"] = [""]
+    with pytest.raises(ValueError, match="stop"):
+        runner.parse_job(json.dumps(job))
+    with pytest.raises(ValueError, match="stop of prompt 'p0' must be a sequence of non-empty strings"):
+        PeerPrompt("p0", "text", stop="\n")  # type: ignore[arg-type]

@@ -55,6 +55,10 @@ NO_CHAT_TEMPLATE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc",
 
 _CODE_TASKS = frozenset({"lcc", "repobench-p"})
 
+STOP_STRINGS: dict[str, tuple[str, ...]] = {task: ("\n",) for task in ("trec", "triviaqa", "samsum", "lsht")}
+"""Strings that end generation, per task: the few-shot tasks stop at the first newline, as in
+lm-eval's LongBench tasks (``until: ["\\n"]``); past it the model writes the next example's fields."""
+
 
 def _load_package_json(name: str) -> dict[str, Any]:
     with resources.files("kvcomp_eval.data").joinpath(name).open("r", encoding="utf-8") as fh:
@@ -343,3 +347,5 @@ class PreparedExample:
     example: LongBenchExample
     prompt: LongBenchPrompt
     max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    """Strings that end generation (:data:`STOP_STRINGS`)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
@@ -30,6 +30,7 @@ class TextGenerator(Protocol):
         *,
         question_span: tuple[int, int] | None = None,
         max_new_tokens: int = 32,
+        stop: Sequence[str] = (),
     ) -> GenerationResult:
         """Prefill ``prompt`` (the complete model input, chat template already applied) and decode.
 
@@ -39,6 +40,7 @@ class TextGenerator(Protocol):
             question_span: character offsets ``[start, end)`` of the question/instruction in
                 ``prompt`` (the prompt-guided scorer's window); ``None`` means the last W tokens.
             max_new_tokens: most tokens to generate.
+            stop: strings that end decoding once the text holds one; the text is cut before it.
         """
         ...
 

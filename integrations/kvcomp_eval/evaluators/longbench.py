@@ -14,6 +14,7 @@ from kvcomp_eval.data.longbench import (
     LONGBENCH_E_TASKS,
     LongBenchDataLoader,
     LongBenchExample,
+    STOP_STRINGS,
     PreparedExample,
     _check_task,
     prepare_prompt,
@@ -122,13 +123,17 @@ class LongBenchEvaluator:
                 max_new = min(max_new, self.config.max_new_tokens)
             for example in examples:
                 prompt = prepare_prompt(example, task, tokenizer, self.generator.max_prompt_tokens)
-                yield PreparedExample(task=task, example=example, prompt=prompt, max_new_tokens=max_new)
+                yield PreparedExample(
+                    task=task, example=example, prompt=prompt, max_new_tokens=max_new, stop=STOP_STRINGS.get(task, ())
+                )
 
     def run_prepared(self, prepared: PreparedExample, generator: TextGenerator | None = None) -> GenerationResult:
         """Generate for one prepared example (with this evaluator's generator unless one is given)."""
         gen = generator if generator is not None else self.generator
         span = prepared.prompt.question_span if self.config.use_question_span else None
-        return gen.generate(prepared.prompt.text, question_span=span, max_new_tokens=prepared.max_new_tokens)
+        return gen.generate(
+            prepared.prompt.text, question_span=span, max_new_tokens=prepared.max_new_tokens, stop=prepared.stop
+        )
 
     def score_row(self, prepared: PreparedExample, result: GenerationResult) -> dict[str, Any]:
         """The result row of one example."""

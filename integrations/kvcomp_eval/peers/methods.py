@@ -169,10 +169,13 @@ class PeerPrompt:
     id: str
     text: str
     question_span: tuple[int, int] | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("prompt id must be a non-empty string")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop of prompt {self.id!r} must be a sequence of non-empty strings, got {self.stop!r:.80}")
         if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError(f"prompt {self.id!r} is empty")
         if self.question_span is not None:
@@ -187,4 +190,6 @@ class PeerPrompt:
         out: dict[str, Any] = {"id": self.id, "text": self.text}
         if self.question_span is not None:
             out["question_span"] = [int(self.question_span[0]), int(self.question_span[1])]
+        if self.stop:
+            out["stop"] = list(self.stop)
         return out

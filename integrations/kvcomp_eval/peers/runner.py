@@ -241,10 +241,15 @@ class PeerGenerator:
         )
 
     def generate(
-        self, prompt: str, *, question_span: tuple[int, int] | None = None, max_new_tokens: int = 32
+        self,
+        prompt: str,
+        *,
+        question_span: tuple[int, int] | None = None,
+        max_new_tokens: int = 32,
+        stop: Sequence[str] = (),
     ) -> GenerationResult:
-        """Prefill ``prompt`` through :attr:`method` and decode greedily."""
-        return self.run(prompt, question_span=question_span, max_new_tokens=max_new_tokens).to_generation_result()
+        """Prefill ``prompt`` through :attr:`method` and decode greedily (until a ``stop`` string)."""
+        return self.run(prompt, question_span=question_span, max_new_tokens=max_new_tokens, stop=stop).to_generation_result()
 
     def run(
         self,
@@ -254,6 +259,7 @@ class PeerGenerator:
         max_new_tokens: int = 32,
         teacher_tokens: Sequence[int] | None = None,
         reference_logprobs: Tensor | None = None,
+        stop: Sequence[str] = (),
     ) -> PeerRow:
         """One job of one prompt through :attr:`method` (set it to switch methods; the model stays loaded).
 
@@ -262,6 +268,7 @@ class PeerGenerator:
             reference_logprobs: ``[R, V]`` reference log-probs after the prompt and each of
                 ``teacher_tokens[:R - 1]`` (``R <= len(teacher_tokens) + 1``); without them the
                 runner compares with its own uncompressed model.
+            stop: strings that end decoding once the text holds one (the text is cut before it).
         """
         if self._proc is None:
             raise RuntimeError("this PeerGenerator is closed")
@@ -277,7 +284,7 @@ class PeerGenerator:
             files = {pid: os.path.join(self._workdir, f"ref-{self._count}.pt")}
             torch.save(reference_logprobs.detach().float().cpu().contiguous(), files[pid])
         job = self._runner.build_job(
-            [PeerPrompt(pid, prompt, question_span)],
+            [PeerPrompt(pid, prompt, question_span, tuple(stop))],
             [self.method],
             max_new_tokens,
             teacher,

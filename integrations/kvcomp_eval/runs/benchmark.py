@@ -41,7 +41,7 @@ from typing import Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvcomp_eval.data.longbench import DATASET2MAXLEN, LongBenchDataLoader, LongBenchExample
+from kvcomp_eval.data.longbench import DATASET2MAXLEN, STOP_STRINGS, LongBenchDataLoader, LongBenchExample
 from kvcomp_eval.data.probes import build_probe
 from kvcomp_eval.evaluators.longbench import LongBenchEvaluator
 from kvcomp_eval.evaluators.probes import ProbeEvaluator
@@ -70,9 +70,14 @@ class _Generator:
         self.max_prompt_tokens = max_prompt_tokens
 
     def generate(
-        self, prompt: str, *, question_span: tuple[int, int] | None = None, max_new_tokens: int = 32
+        self,
+        prompt: str,
+        *,
+        question_span: tuple[int, int] | None = None,
+        max_new_tokens: int = 32,
+        stop: Sequence[str] = (),
     ) -> GenerationResult:
-        return self.pipe.generate(prompt, question_span=question_span, max_new_tokens=max_new_tokens)
+        return self.pipe.generate(prompt, question_span=question_span, max_new_tokens=max_new_tokens, stop=stop)
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -207,15 +212,17 @@ class CompressionBenchmark:
     # -- set-up ---------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """Model, suite and generation settings: a run folder holds one identity only."""
-        return {
-            "model": self.model,
-            "suite": self.suite.identity(),
-            "generation": {
-                "max_new_tokens": self.max_new_tokens,
-                "use_question_span": self.use_question_span,
-                "kl_steps": self.kl_steps,
-            },
+        generation: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "use_question_span": self.use_question_span,
+            "kl_steps": self.kl_steps,
         }
+        # Only suites with stop strings name them: older folders of other suites still resume,
+        # and rows generated before stop strings existed are not mixed with new ones.
+        stops = {t: list(STOP_STRINGS[t]) for t in self.suite.tasks if self.suite.kind == "longbench" and t in STOP_STRINGS}
+        if stops:
+            generation["stop"] = stops
+        return {"model": self.model, "suite": self.suite.identity(), "generation": generation}
 
     def check(self) -> None:
         """Every refusal that needs no model: inputs, the run folder, every LongBench row."""
@@ -367,7 +374,7 @@ class CompressionBenchmark:
             teacher = list(ref_ids[: max(ref_lp.shape[0] - 1, 1)])  # it wants at least one token
             row = self._peer(name).run(
                 ex.prompt, question_span=ex.question_span, max_new_tokens=ex.max_new_tokens,
-                teacher_tokens=teacher, reference_logprobs=ref_lp,
+                teacher_tokens=teacher, reference_logprobs=ref_lp, stop=ex.stop,
             )
             if row.kl_steps is None:
                 raise RuntimeError(f"the peers' runner returned no KL for {name} on {ex.example_id}")

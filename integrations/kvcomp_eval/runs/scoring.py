@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 
 def generate(pipe: "KVCompPipeline", ex: BenchExample) -> GenerationResult:
-    """Greedy generation of ``ex`` (its question span and token budget) under ``pipe``'s config."""
-    return pipe.generate(ex.prompt, question_span=ex.question_span, max_new_tokens=ex.max_new_tokens)
+    """Greedy generation of ``ex`` (its question span, token budget and stop strings) under ``pipe``'s config."""
+    return pipe.generate(ex.prompt, question_span=ex.question_span, max_new_tokens=ex.max_new_tokens, stop=ex.stop)
 
 
 def teacher_forced(pipe: "KVCompPipeline", ex: BenchExample, ref_ids: Sequence[int], kl_steps: int) -> Tensor | None:

@@ -156,6 +156,7 @@ class BenchExample:
         max_new_tokens: tokens to generate.
         prompt_tokens: length of the prompt in tokens.
         source: the :class:`ProbeExample` or :class:`PreparedExample` it came from.
+        stop: strings that end generation (LongBench's few-shot tasks: a newline).
     """
 
     example_id: str
@@ -165,6 +166,7 @@ class BenchExample:
     max_new_tokens: int
     prompt_tokens: int
     source: ProbeExample | PreparedExample
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def from_probe(cls, probe: ProbeExample, *, max_new_tokens: int, use_question_span: bool = True) -> "BenchExample":
@@ -190,6 +192,7 @@ class BenchExample:
             max_new_tokens=prepared.max_new_tokens,
             prompt_tokens=prepared.prompt.prompt_tokens,
             source=prepared,
+            stop=prepared.stop,
         )
 
 
