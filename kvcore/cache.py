@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcore.accounting import kv_bytes_fp16
+from kvcore.batching import stack_rows
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.protocols import Quantizer, TierAttention
 from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
@@ -347,6 +348,33 @@ class CompressedKVCache(Cache):
         self.quantizer = quantizer
         self.window_token_idx = window_token_idx
         self.prefill_stats: dict[str, object] = {}
+
+    @classmethod
+    def stack(cls, caches: list["CompressedKVCache"]) -> "CompressedKVCache":
+        """One batch cache from caches each filled by one prompt's prefill (and not yet decoded).
+
+        The rows keep exactly what each prefill stored (:func:`kvcore.batching.stack_rows` pads
+        shorter parts with masked filler slots); each row decodes on from its own next position.
+        The batch's sequence length is the longest prompt's, as if the rows were left-padded.
+        """
+        if not caches:
+            raise ValueError("no caches to stack")
+        first = caches[0]
+        for cache in caches:
+            if len(cache.layers) != len(first.layers) or cache.quantizer is not first.quantizer:
+                raise ValueError("caches of different models or configs cannot be stacked")
+            if not cache.is_filled or any(cache.layer(i).dense_keys is not None for i in range(len(cache.layers))):
+                raise ValueError("only caches filled by a prefill and not yet decoded can be stacked")
+        out = cls(len(first.layers), first.quantizer)
+        for i in range(len(first.layers)):
+            rows = [cache.layer(i) for cache in caches]
+            out.layer(i).store_prefill(
+                stack_rows([row.compressed for row in rows]),  # type: ignore[misc]
+                n_prompt=max(row.seen_tokens for row in rows),
+                next_position=torch.cat([row.next_position for row in rows]),  # type: ignore[misc]
+            )
+        out.prefill_stats = {"rows": [cache.prefill_stats for cache in caches]}
+        return out
 
     @property
     def is_filled(self) -> bool:

@@ -167,12 +167,13 @@ class KVCompPipeline:
         truncate: Literal["error", "middle"] = "error",
         stop: Sequence[str] = (),
     ) -> list[GenerationResult]:
-        """:meth:`generate` for several prompts in one left-padded batch: one prefill, one decode
-        step per token for all rows; each row stops on its own and keeps its own question span.
+        """:meth:`generate` for several prompts at once: one decode step per token serves every
+        row; each row keeps its own question span and stops on its own.
 
-        A row's compression does not depend on its neighbours (padding and other rows' questions
-        change nothing), so greedy rows give what :meth:`generate` gives for each prompt alone,
-        up to floating-point summation order. Sampling draws from one generator for the batch, so
+        With compression each prompt is prefilled alone and the caches are stacked
+        (:meth:`CompressedKVCache.stack`), so a row's cache is exactly that of its single run;
+        uncompressed, the batch is prefilled left-padded in one forward. Greedy rows give what
+        :meth:`generate` gives for each prompt alone, up to floating-point summation order. Sampling draws from one generator for the batch, so
         a seeded batch does not reproduce the same prompts sampled one at a time.
 
         Cost fields per row: ``ttft_s`` is the batch's prefill; ``decode_tokens_per_s`` the row's
@@ -195,28 +196,18 @@ class KVCompPipeline:
             raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         encoded = [self.encode(p, span, max_new_tokens, truncate) for p, span in zip(prompts, spans)]
         device = next(self.model.parameters()).device
-        input_ids, mask, window = _left_pad(encoded, _pad_id(self.tokenizer))
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        b = input_ids.shape[0]
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        cache: Any = self.model.new_cache(window) if self.model.compressor is not None else DynamicCache(config=self.model.config)
+        b = len(encoded)
+        mask = _left_pad_mask([ids.shape[1] for ids, _ in encoded]).to(device)
         lengths = mask.sum(dim=1)  # [B] real prompt tokens
         # Without padding no mask is passed: SDPA then takes its causal kernel, as a plain model does.
         padded = not bool(mask.all())
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
         start = time.perf_counter()
-        # Only the last position's logits are needed; without logits_to_keep=1 the uncompressed
-        # model would run its LM head over the whole prompt, inflating the baseline's TTFT.
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask if padded else None,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.cache
-        logits = out.logits[:, -1].float()
+        if self.model.compressor is not None:
+            cache, logits = self._prefill_rows(encoded, device)
+        else:
+            cache, logits = self._prefill_padded(encoded, mask, padded, device)
         token = _next_token(logits, do_sample, temperature, top_p, generator)
         ttft = time.perf_counter() - start
         first_logprobs = torch.log_softmax(logits, dim=-1).cpu()
@@ -267,6 +258,41 @@ class KVCompPipeline:
                 )
             )
         return results
+
+    def _prefill_rows(self, encoded: list[tuple[Tensor, Tensor | None]], device: torch.device) -> tuple[CompressedKVCache, Tensor]:
+        """Compressed prefill of each prompt alone, stacked into one batch cache; last logits ``[B, V]``.
+
+        Prefill is compute-bound, so a padded batch would only add work over its padding (and
+        SDPA's causal kernel takes no padding mask); decode is bound by reading weights and cache,
+        which one batched step does once for every row. Each row is then exactly its single run.
+        """
+        caches, logits = [], []
+        for ids, question in encoded:
+            # logits_to_keep=1: only the last position's logits are needed.
+            out = self.model(input_ids=ids.to(device), cache=self.model.new_cache(question), use_cache=True, logits_to_keep=1)
+            caches.append(out.cache)
+            logits.append(out.logits[:, -1].float())
+        cache = caches[0] if len(caches) == 1 else CompressedKVCache.stack(caches)
+        return cache, torch.cat(logits)
+
+    def _prefill_padded(
+        self, encoded: list[tuple[Tensor, Tensor | None]], mask: Tensor, padded: bool, device: torch.device
+    ) -> tuple[DynamicCache, Tensor]:
+        """Uncompressed prefill of the left-padded batch in one forward; last logits ``[B, V]``."""
+        input_ids = torch.full(mask.shape, _pad_id(self.tokenizer), dtype=torch.long)
+        for i, (ids, _) in enumerate(encoded):
+            input_ids[i, input_ids.shape[1] - ids.shape[1] :] = ids[0]
+        # Without logits_to_keep=1 the model would run its LM head over the whole prompt,
+        # inflating the baseline's TTFT.
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask if padded else None,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
+            cache=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.cache, out.logits[:, -1].float()
 
     @torch.no_grad()
     def continuation_logprobs(
@@ -338,20 +364,10 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _left_pad(encoded: list[tuple[Tensor, Tensor | None]], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Left-pad ``[1, N_i]`` prompts into ``input_ids``/``attention_mask`` ``[B, N]`` and each row's
-    question tokens into a ``[B, N]`` bool window (``None`` when no row has a question)."""
-    n = max(ids.shape[1] for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), n), dtype=torch.long)
-    window = torch.zeros((len(encoded), n), dtype=torch.bool)
-    for i, (ids, question) in enumerate(encoded):
-        pad = n - ids.shape[1]
-        input_ids[i, pad:] = ids[0]
-        mask[i, pad:] = 1
-        if question is not None:
-            window[i, question + pad] = True
-    return input_ids, mask, window if bool(window.any()) else None
+def _left_pad_mask(lengths: list[int]) -> Tensor:
+    """``attention_mask [B, max(lengths)]`` of left-padded rows: 0 for padding, 1 for tokens."""
+    n = max(lengths)
+    return (torch.arange(n)[None, :] >= torch.tensor([n - k for k in lengths])[:, None]).long()
 
 
 def _cache_bytes(cache: Any) -> int:

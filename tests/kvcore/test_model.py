@@ -354,3 +354,28 @@ def test_a_one_token_prompt_fills_the_cache_and_decodes(model_pair, preset):
         assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False), ref)
     finally:
         ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_only_prefilled_caches_of_one_config_stack(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("default", **{"quantizer.residual_length": 16}))
+    try:
+        a = ours(input_ids=_ids(120, seed=1), cache=ours.new_cache(), use_cache=True).cache
+        b = ours(input_ids=_ids(90, seed=2), cache=ours.new_cache(), use_cache=True).cache
+        stacked = CompressedKVCache.stack([a, b])
+        assert stacked.get_seq_length() == 120 and stacked.layer(0).next_position.tolist() == [120, 90]
+        assert stacked.kv_bytes >= a.kv_bytes + b.kv_bytes, "fillers are stored and counted"
+        with pytest.raises(ValueError, match="no caches"):
+            CompressedKVCache.stack([])
+        with pytest.raises(ValueError, match="filled by a prefill and not yet decoded"):
+            CompressedKVCache.stack([a, ours.new_cache()])
+        ours(input_ids=_ids(1, seed=3), cache=a, use_cache=True)  # a decodes one token
+        with pytest.raises(ValueError, match="not yet decoded"):
+            CompressedKVCache.stack([a, b])
+        ours.set_compression(_config("lossless8"))
+        other = ours(input_ids=_ids(60, seed=4), cache=ours.new_cache(), use_cache=True).cache
+        with pytest.raises(ValueError, match="different models or configs"):
+            CompressedKVCache.stack([b, other])
+    finally:
+        ours.set_compression(CompressionConfig())

@@ -3,24 +3,18 @@
 Tier sizes are counted from a row's tokens. In a batch whose rows differ (left padding, or a
 question window per row) one shared count would give a short row more high-precision slots
 than it gets alone, and its output would depend on its neighbours. So such a batch is split:
-each row is compressed on its own real tokens, then the rows are stacked into regular tensors,
-every part padded to the longest row with *filler slots* — position ``-1``, which attention
-never reads, all-zero codes and statistics (counted in ``kv_bytes``: they are really stored).
-
-Fillers are appended after a row's tokens. A per-channel key group keeps the scale and zero it
-got from the row's own tokens, so the row's codes and their dequantised values are exactly
-those of its single run.
+each row is compressed on its own real tokens, then the rows are stacked into regular tensors
+with filler slots (:func:`kvcore.batching.stack_rows`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
-from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor
+from kvcore.batching import stack_rows
+from kvcore.types import CompressedLayer
 
 RowCompressor = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], CompressedLayer]
 
@@ -51,97 +45,3 @@ def compress_rows(
             )
         )
     return stack_rows(layers)
-
-
-def stack_rows(layers: list[CompressedLayer]) -> CompressedLayer:
-    """One ``[B, ...]`` layer from single-row layers; shorter parts are padded with fillers.
-
-    ``dropped_tokens`` becomes the most any row dropped.
-    """
-    n_res = max(layer.residual_positions.shape[-1] for layer in layers)
-    bits_used = sorted({tier.bits for layer in layers for tier in layer.tiers}, reverse=True)
-    tiers = []
-    for bits in bits_used:
-        rows = [next((t for t in layer.tiers if t.bits == bits), None) for layer in layers]
-        model = next(t for t in rows if t is not None)
-        n = max(t.n_tokens for t in rows if t is not None)
-        padded = [_pad_tier(t if t is not None else _empty_tier(model), n) for t in rows]
-        tiers.append(
-            KVTier(
-                bits=bits,
-                positions=torch.cat([t.positions for t in padded]),
-                keys=_cat_quantized([t.keys for t in padded]),
-                values=_cat_quantized([t.values for t in padded]),
-            )
-        )
-    return CompressedLayer(
-        tiers=tiers,
-        residual_keys=torch.cat([_pad_tokens(layer.residual_keys, n_res, 0) for layer in layers]),
-        residual_values=torch.cat([_pad_tokens(layer.residual_values, n_res, 0) for layer in layers]),
-        residual_positions=torch.cat(
-            [_pad_tokens(layer.residual_positions, n_res, PADDING_POSITION) for layer in layers]
-        ),
-        dropped_tokens=max(layer.dropped_tokens for layer in layers),
-    )
-
-
-def _pad_tokens(x: Tensor, n: int, fill: int) -> Tensor:
-    """Pad ``x`` along dim 2 (tokens or token groups) to ``n`` with ``fill``."""
-    missing = n - x.shape[2]
-    if missing == 0:
-        return x
-    shape = (*x.shape[:2], missing, *x.shape[3:])
-    return torch.cat([x, x.new_full(shape, fill)], dim=2)
-
-
-def _pad_quantized(q: QuantizedTensor, n: int) -> QuantizedTensor:
-    """``q`` with ``n`` tokens: zero codes, and zero statistics for whole groups added."""
-    groups = n if q.axis == "token" else math.ceil(n / q.group_size)
-    b, h, _, d = q.shape
-    return QuantizedTensor(
-        packed=_pad_tokens(q.packed, n, 0),
-        scale=_pad_tokens(q.scale, groups, 0),
-        zero=_pad_tokens(q.zero, groups, 0),
-        bits=q.bits,
-        group_size=q.group_size,
-        axis=q.axis,
-        shape=(b, h, n, d),
-    )
-
-
-def _pad_tier(tier: KVTier, n: int) -> KVTier:
-    return KVTier(
-        bits=tier.bits,
-        positions=_pad_tokens(tier.positions, n, PADDING_POSITION),
-        keys=_pad_quantized(tier.keys, n),
-        values=_pad_quantized(tier.values, n),
-    )
-
-
-def _empty_tier(like: KVTier) -> KVTier:
-    """A tier of no tokens shaped like ``like`` (for a row that stores none at this width)."""
-    return KVTier(
-        bits=like.bits,
-        positions=like.positions[:, :, :0],
-        keys=_no_tokens(like.keys),
-        values=_no_tokens(like.values),
-    )
-
-
-def _no_tokens(q: QuantizedTensor) -> QuantizedTensor:
-    b, h, _, d = q.shape
-    return QuantizedTensor(q.packed[:, :, :0], q.scale[:, :, :0], q.zero[:, :, :0], q.bits, q.group_size, q.axis, (b, h, 0, d))
-
-
-def _cat_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    first = parts[0]
-    b = sum(p.shape[0] for p in parts)
-    return QuantizedTensor(
-        packed=torch.cat([p.packed for p in parts]),
-        scale=torch.cat([p.scale for p in parts]),
-        zero=torch.cat([p.zero for p in parts]),
-        bits=first.bits,
-        group_size=first.group_size,
-        axis=first.axis,
-        shape=(b, *first.shape[1:]),
-    )
