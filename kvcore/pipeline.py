@@ -173,8 +173,9 @@ class KVCompPipeline:
         With compression each prompt is prefilled alone and the caches are stacked
         (:meth:`CompressedKVCache.stack`), so a row's cache is exactly that of its single run;
         uncompressed, the batch is prefilled left-padded in one forward. Greedy rows give what
-        :meth:`generate` gives for each prompt alone, up to floating-point summation order. Sampling draws from one generator for the batch, so
-        a seeded batch does not reproduce the same prompts sampled one at a time.
+        :meth:`generate` gives for each prompt alone, up to floating-point summation order.
+        Sampling draws from one generator for the batch, so a seeded batch does not reproduce the
+        same prompts sampled one at a time.
 
         Cost fields per row: ``ttft_s`` is the batch's prefill; ``decode_tokens_per_s`` the row's
         tokens over the time until it finished; ``kv_bytes`` the batch's cache divided by the rows
@@ -217,7 +218,7 @@ class KVCompPipeline:
         decode_start = time.perf_counter()
         step = 0
         while not all(row.done for row in rows):
-            # Finished rows keep decoding a pad token (their output is no longer read): one
+            # Finished rows are fed their last token again (their output is no longer read): one
             # forward serves the whole batch.
             feed = torch.tensor([[row.last] for row in rows], dtype=torch.long, device=device)
             if padded:

@@ -8,8 +8,9 @@ Generation runs :class:`~kvcore.pipeline.KVCompPipeline`: the prompt is prefille
 compressed layer by layer, then decoding reads the compressed cache. Log-likelihoods prefill the
 *context* the same way and score the continuation through that compressed cache, so a
 multiple-choice task measures the compressed model too (``loglikelihood=full`` scores on the
-ordinary uncompressed forward instead). Generation runs ``batch_size`` requests at a time (left-padded,
-a question span per row); log-likelihoods run one at a time. Cache cost (KV bytes against an fp16
+ordinary uncompressed forward instead). Generation runs ``batch_size`` requests at a time (each
+prompt prefilled alone with its own question span, the decode steps batched); log-likelihoods run
+one at a time. Cache cost (KV bytes against an fp16
 cache of the same tokens) is summed per request type and logged at the end of each call.
 """
 
@@ -205,8 +206,8 @@ class KVCompLM(LM):
         """Greedy (or sampled, with ``do_sample``) generation until a stop string or ``max_gen_toks``.
 
         Greedy requests with the same generation kwargs run ``batch_size`` at a time, longest
-        prompts first (left-padded; each row keeps its own question span and stops on its own, and
-        gives the text it gives alone). Sampled requests run one at a time, request ``i`` seeded
+        prompts first (:meth:`~kvcore.pipeline.KVCompPipeline.generate_batch`: each row keeps its
+        own question span, stops on its own and gives the text it gives alone). Sampled requests run one at a time, request ``i`` seeded
         with ``seed + i``, so their draws do not depend on the batch size.
         """
         jobs = [self._generation_job(i, request) for i, request in enumerate(requests)]
@@ -405,8 +406,9 @@ class _GenerationJob:
 
 
 def _batches(jobs: list[_GenerationJob], batch_size: int) -> list[list[_GenerationJob]]:
-    """Greedy jobs grouped by :attr:`_GenerationJob.group`, longest prompts first (less padding
-    per batch), cut into batches of ``batch_size``; sampled jobs alone, in request order."""
+    """Greedy jobs grouped by :attr:`_GenerationJob.group`, longest prompts first (rows of similar
+    length share a batch: fewer filler slots), cut into batches of ``batch_size``; sampled jobs
+    alone, in request order."""
     groups: dict[tuple[Any, ...], list[_GenerationJob]] = {}
     batches = []
     for job in jobs:

@@ -652,13 +652,12 @@ def _samples(out: Path) -> dict[int, list[str]]:
 def test_two_cpu_processes_and_batches_give_the_outputs_of_one(
     tiny_model_dir: Path, local_longbench_tasks: Path, tmp_path: Path
 ) -> None:
-    """``torchrun --standalone --nproc_per_node 2 -m lm_eval --model kvcomp-llama``: the model joins
-    the process group through accelerate (MULTI_CPU over gloo), lm-eval splits the requests over
-    the two ranks and gathers them, and every document's output equals the single-process run's.
-    So does every output of one process with ``--batch_size 4``.
-
-    On CPUs torchrun is the launcher: ``accelerate launch --cpu --num_processes 2`` starts a single
-    process unless MPI is installed. ``accelerate launch --multi_gpu`` sets up the same environment.
+    """Two launchers start two CPU processes of ``lm_eval --model kvcomp-llama``: torchrun, and
+    ``accelerate launch --multi_gpu --num_processes 2`` (on a machine without CUDA it runs the
+    same elastic launcher; ``--cpu`` would start a single process unless MPI is installed). The
+    model joins the process group through accelerate (MULTI_CPU over gloo), lm-eval splits the
+    requests over the two ranks and gathers them, and every document's output equals the
+    single-process run's. So does every output of one process with ``--batch_size 4``.
     """
     pytest.importorskip("accelerate", reason="accelerate comes with the eval extra")
     args = ["--model", "kvcomp-llama", "--model_args", f"pretrained={tiny_model_dir},preset=default",
@@ -667,19 +666,26 @@ def test_two_cpu_processes_and_batches_give_the_outputs_of_one(
     (tmp_path / "one").mkdir()
     _, one_log = _run_lm_eval(args, tmp_path / "one", timeout=600)
     assert "kvcomp-llama generate_until: 4 requests" in one_log
-    two = tmp_path / "two"
-    two.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "lm_eval", *args, "--output_path", str(two / "results")],
-        cwd=two, env=_offline_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    # Each rank served half of the requests (the cost line is logged per process).
-    assert proc.stderr.count("kvcomp-llama generate_until: 2 requests") == 2, proc.stderr[-3000:]
-    one_out, two_out = _samples(tmp_path / "one" / "results"), _samples(two / "results")
-    assert sorted(two_out) == [0, 1, 2, 3], "every document is answered once, by one of the two ranks"
-    assert two_out == one_out
+    one_out = _samples(tmp_path / "one" / "results")
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+    }
+    if torch.cuda.is_available():
+        del launchers["accelerate"]  # --multi_gpu would put the processes on the GPUs
+    for name, launcher in launchers.items():
+        out = tmp_path / name
+        out.mkdir()
+        proc = subprocess.run(
+            [*launcher, "-m", "lm_eval", *args, "--output_path", str(out / "results")],
+            cwd=out, env=_offline_env(), capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        # Each rank served half of the requests (the cost line is logged per process).
+        assert proc.stderr.count("kvcomp-llama generate_until: 2 requests") == 2, (name, proc.stderr[-3000:])
+        two_out = _samples(out / "results")
+        assert sorted(two_out) == [0, 1, 2, 3], f"{name}: every document is answered once, by one of the two ranks"
+        assert two_out == one_out, name
     (tmp_path / "batch").mkdir()
     _run_lm_eval([*args, "--batch_size", "4"], tmp_path / "batch", timeout=600)
     assert _samples(tmp_path / "batch" / "results") == one_out
