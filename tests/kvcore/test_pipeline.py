@@ -211,3 +211,21 @@ def test_each_row_of_a_batch_stops_on_its_own(pipe):
 def test_a_bad_batch_is_refused_before_any_work(pipe, prompts, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe.generate_batch(prompts, **kwargs)
+
+
+@pytest.mark.triton
+def test_decoding_through_the_triton_kernel_gives_the_torch_backends_tokens(pipe, monkeypatch):
+    pytest.importorskip("triton")
+    from kvcomp_plugins.quantizers import triton_attend, triton_kernels
+
+    if not torch.cuda.is_available() and not triton_kernels.INTERPRETED:
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
+    calls = []
+    kernel = triton_attend.attend_layer
+    monkeypatch.setattr(triton_attend, "attend_layer", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    tokens = {}
+    for backend in ("torch", "triton"):  # on a CPU tensor, 'triton' runs the kernels in the interpreter
+        pipe.set_config(CompressionConfig.from_preset("default").with_overrides({"quantizer.backend": backend, "quantizer.residual_length": 8}))
+        tokens[backend] = pipe.generate(PROMPT, max_new_tokens=6).token_ids
+    assert calls, "the triton backend decoded through the kernel"
+    assert tokens["triton"] == tokens["torch"]

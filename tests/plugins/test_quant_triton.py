@@ -137,7 +137,8 @@ def test_cpu_backends_without_interpreter() -> None:
 
 
 def test_decode_attention_on_the_triton_backend_matches_torch(kernels):
-    """Tiers quantised by the Triton kernels attend like the reference's (same bytes, same path)."""
+    """Tiers quantised by the Triton kernels (same bytes) attended by the Triton decode kernel
+    equal the torch path's, up to float32 summation order."""
     gen = torch.Generator().manual_seed(3)
     keys, values = torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
     positions = torch.arange(40, dtype=torch.int32).expand(1, 2, 40).contiguous()
@@ -148,4 +149,53 @@ def test_decode_attention_on_the_triton_backend_matches_torch(kernels):
         tier = quantizer.quantize_block(keys.to(_device()), values.to(_device()), positions.to(_device()))
         dense = DensePart(keys[:, :, :2].to(_device()), values[:, :, :2].to(_device()))
         outs.append(quantizer.attend(rows, [tier], dense))
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def attend_kernel() -> ModuleType:
+    pytest.importorskip("triton")
+    from kvcomp_plugins.quantizers import triton_attend, triton_kernels
+
+    if not torch.cuda.is_available() and not triton_kernels.INTERPRETED:
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
+    return triton_attend
+
+
+def _on(q: object, device: str) -> object:
+    """A copy of a dataclass of tensors (tier, quantised tensor) on ``device``."""
+    import dataclasses
+
+    return dataclasses.replace(q, **{f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)})
+
+
+@pytest.mark.parametrize("key_axis", ["channel", "token"])
+def test_decode_kernel_matches_the_torch_path_on_tiers_of_every_width(key_axis: str, attend_kernel: ModuleType) -> None:
+    from kvcore.types import KVTier
+    from kvcomp_plugins.quantizers import attend
+
+    dev = _device()
+    gen = torch.Generator().manual_seed(3)
+    b, h, r, d, g = 2, 2, 3, 32, 8
+
+    def tier(bits: int, n: int) -> KVTier:
+        keys = torch.randn(b, h, n, d, generator=gen) * torch.linspace(0.5, 4.0, d)  # outlier-ish channels
+        values = torch.randn(b, h, n, d, generator=gen)
+        positions = torch.arange(n, dtype=torch.int32).expand(b, h, n).contiguous()
+        k, v = packing.quantize_pack(keys, bits, g, key_axis), packing.quantize_pack(values, bits, g, "token")
+        return KVTier(bits, positions.to(dev), _on(k, dev), _on(v, dev))  # type: ignore[arg-type]
+
+    tiers = [tier(8, 11), tier(4, 70), tier(2, 5)]  # 70: two token blocks, the second partial
+    padding = [torch.zeros(b, h, 1, t.n_tokens, dtype=torch.bool, device=dev) for t in tiers]
+    padding[1][0, :, :, :64] = True  # row 0: the whole first block of the 4-bit tier is padding
+    padding[2][1] = True  # row 1: nothing of the 2-bit tier is visible
+    dense = DensePart(3 * torch.randn(b, h, 4, d, generator=gen).to(dev), torch.randn(b, h, 4, d, generator=gen).to(dev))
+    rows = torch.randn(b, h, r, d, generator=gen).to(dev)
+    outs = []
+    for pad in (None, padding):
+        outs.append(attend_kernel.attend_layer(rows, tiers, dense, pad))
+        torch.testing.assert_close(outs[-1], attend.attend_layer(rows, tiers, dense, pad), rtol=1e-4, atol=1e-5)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3, "the padding is applied"
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        attend_kernel.attend_layer(torch.zeros(1, 1, 1, 24), tiers, dense)
+

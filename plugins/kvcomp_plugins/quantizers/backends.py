@@ -93,7 +93,9 @@ def attend_layer(
     scratch: attend.Scratch | None = None,
 ) -> Tensor:
     """Decode attention over packed ``tiers`` and the ``dense`` part (see :func:`.attend.attend_layer`)
-    with the selected backend."""
-    # The Triton module has no decode kernel yet: the torch path runs on any device.
-    kernel = getattr(select_backend(backend, rows.device), "attend_layer", attend.attend_layer)
-    return kernel(rows, tiers, dense, padding, scratch)
+    with the selected backend (Triton: :mod:`.triton_attend`, imported on first use)."""
+    if select_backend(backend, rows.device) is packing:
+        return attend.attend_layer(rows, tiers, dense, padding, scratch)
+    from kvcomp_plugins.quantizers import triton_attend
+
+    return triton_attend.attend_layer(rows, tiers, dense, padding, scratch)
