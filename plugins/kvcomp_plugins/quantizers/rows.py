@@ -21,7 +21,13 @@ RowCompressor = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], Compre
 
 def rows_differ(positions: Tensor, protected: Tensor) -> bool:
     """Whether one shared split would treat some row of ``[B, N]`` differently from its single
-    run: a row has padding (counted into its tier sizes), or the rows protect different slots."""
+    run: a row has padding (counted into its tier sizes), or the rows protect different slots.
+
+    A single row is never split: looking for its padding would cost a host sync per layer on a
+    GPU, and a prompt run alone has none (a lone left-padded row ranks its padding last).
+    """
+    if positions.shape[0] == 1:
+        return False
     return bool((positions < 0).any()) or not bool((protected == protected[:1]).all())
 
 
