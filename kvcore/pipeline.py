@@ -170,9 +170,9 @@ class KVCompPipeline:
         """:meth:`generate` for several prompts at once: one decode step per token serves every
         row; each row keeps its own question span and stops on its own.
 
-        With compression each prompt is prefilled alone and the caches are stacked
-        (:meth:`CompressedKVCache.stack`), so a row's cache is exactly that of its single run;
-        uncompressed, the batch is prefilled left-padded in one forward. Greedy rows give what
+        Each prompt is prefilled alone and the caches are stacked (compressed ones with masked
+        filler slots, :meth:`CompressedKVCache.stack`; uncompressed ones left-padded), so a
+        row's cache is exactly that of its single run. Greedy rows give what
         :meth:`generate` gives for each prompt alone, up to floating-point summation order.
         Sampling draws from one generator for the batch, so a seeded batch does not reproduce the
         same prompts sampled one at a time.
@@ -205,10 +205,7 @@ class KVCompPipeline:
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
         start = time.perf_counter()
-        if self.model.compressor is not None:
-            cache, logits = self._prefill_rows(encoded, device)
-        else:
-            cache, logits = self._prefill_padded(encoded, mask, padded, device)
+        cache, logits = self._prefill_rows(encoded, device)
         token = _next_token(logits, do_sample, temperature, top_p, generator)
         ttft = time.perf_counter() - start
         first_logprobs = torch.log_softmax(logits, dim=-1).cpu()
@@ -260,40 +257,28 @@ class KVCompPipeline:
             )
         return results
 
-    def _prefill_rows(self, encoded: list[tuple[Tensor, Tensor | None]], device: torch.device) -> tuple[CompressedKVCache, Tensor]:
-        """Compressed prefill of each prompt alone, stacked into one batch cache; last logits ``[B, V]``.
+    def _prefill_rows(self, encoded: list[tuple[Tensor, Tensor | None]], device: torch.device) -> tuple[Any, Tensor]:
+        """Prefill each prompt alone, then stack the caches into one batch; last logits ``[B, V]``.
 
         Prefill is compute-bound, so a padded batch would only add work over its padding (and
         SDPA's causal kernel takes no padding mask); decode is bound by reading weights and cache,
-        which one batched step does once for every row. Each row is then exactly its single run.
+        which one batched step does once for every row. Each row's cache is that of its single
+        run: compressed caches are stacked with masked filler slots
+        (:meth:`CompressedKVCache.stack`), uncompressed ones left-padded (masked in decode).
         """
+        compressed = self.model.compressor is not None
         caches, logits = [], []
         for ids, question in encoded:
-            # logits_to_keep=1: only the last position's logits are needed.
-            out = self.model(input_ids=ids.to(device), cache=self.model.new_cache(question), use_cache=True, logits_to_keep=1)
+            cache = self.model.new_cache(question) if compressed else DynamicCache(config=self.model.config)
+            # Only the last position's logits are needed; without logits_to_keep=1 the uncompressed
+            # model would run its LM head over the whole prompt, inflating the baseline's TTFT.
+            out = self.model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
             caches.append(out.cache)
             logits.append(out.logits[:, -1].float())
-        cache = caches[0] if len(caches) == 1 else CompressedKVCache.stack(caches)
-        return cache, torch.cat(logits)
-
-    def _prefill_padded(
-        self, encoded: list[tuple[Tensor, Tensor | None]], mask: Tensor, padded: bool, device: torch.device
-    ) -> tuple[DynamicCache, Tensor]:
-        """Uncompressed prefill of the left-padded batch in one forward; last logits ``[B, V]``."""
-        input_ids = torch.full(mask.shape, _pad_id(self.tokenizer), dtype=torch.long)
-        for i, (ids, _) in enumerate(encoded):
-            input_ids[i, input_ids.shape[1] - ids.shape[1] :] = ids[0]
-        # Without logits_to_keep=1 the model would run its LM head over the whole prompt,
-        # inflating the baseline's TTFT.
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask if padded else None,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
-            cache=DynamicCache(config=self.model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.cache, out.logits[:, -1].float()
+        if len(caches) == 1:
+            return caches[0], logits[0]
+        stacked = CompressedKVCache.stack(caches) if compressed else _stack_left_padded(caches, self.model.config)
+        return stacked, torch.cat(logits)
 
     @torch.no_grad()
     def continuation_logprobs(
@@ -358,11 +343,19 @@ class _Row:
         return text if cut is None else text[:cut]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
+def _stack_left_padded(caches: list[DynamicCache], config: Any) -> DynamicCache:
+    """One ``DynamicCache`` of the rows' caches, each left-padded with zeros to the longest
+    (the decode steps' attention mask hides the padding)."""
+    n = max(cache.get_seq_length() for cache in caches)
+    out = DynamicCache(config=config)
+    for i in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache in caches:
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            keys.append(torch.nn.functional.pad(k, (0, 0, n - k.shape[-2], 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, n - v.shape[-2], 0)))
+        out.update(torch.cat(keys), torch.cat(values), i)
+    return out
 
 
 def _left_pad_mask(lengths: list[int]) -> Tensor:
