@@ -37,8 +37,8 @@ def stack_rows(layers: list[CompressedLayer]) -> CompressedLayer:
             KVTier(
                 bits=bits,
                 positions=torch.cat([t.positions for t in padded]),
-                keys=_cat_quantized([t.keys for t in padded]),
-                values=_cat_quantized([t.values for t in padded]),
+                keys=cat_quantized([t.keys for t in padded], dim=0),
+                values=cat_quantized([t.values for t in padded], dim=0),
             )
         )
     return CompressedLayer(
@@ -100,15 +100,18 @@ def _no_tokens(q: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(q.packed[:, :, :0], q.scale[:, :, :0], q.zero[:, :, :0], q.bits, q.group_size, q.axis, (b, h, 0, d))
 
 
-def _cat_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
+def cat_quantized(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
+    """``parts`` joined along ``dim``: 0 (batch rows) or 2 (tokens; statistics lie along dim 2 in
+    both layouts, so a per-channel key tensor must end on a group boundary to be extended)."""
     first = parts[0]
-    b = sum(p.shape[0] for p in parts)
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
     return QuantizedTensor(
-        packed=torch.cat([p.packed for p in parts]),
-        scale=torch.cat([p.scale for p in parts]),
-        zero=torch.cat([p.zero for p in parts]),
+        packed=torch.cat([p.packed for p in parts], dim=dim),
+        scale=torch.cat([p.scale for p in parts], dim=dim),
+        zero=torch.cat([p.zero for p in parts], dim=dim),
         bits=first.bits,
         group_size=first.group_size,
         axis=first.axis,
-        shape=(b, *first.shape[1:]),
+        shape=(shape[0], shape[1], shape[2], shape[3]),
     )

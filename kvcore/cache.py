@@ -18,10 +18,10 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcore.accounting import kv_bytes_fp16
-from kvcore.batching import stack_rows
+from kvcore.batching import cat_quantized, stack_rows
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.protocols import Quantizer, TierAttention
-from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, QuantizedTensor, tensor_bytes
+from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, tensor_bytes
 
 DENSE_SPARE_TOKENS = 8
 """Free token slots the dense store keeps at most (they are held, so they count in ``kv_bytes``):
@@ -315,19 +315,8 @@ def _concat_tiers(a: KVTier, b: KVTier) -> KVTier:
     return KVTier(
         bits=a.bits,
         positions=torch.cat([a.positions, b.positions], dim=-1),
-        keys=_concat_quantized(a.keys, b.keys),
-        values=_concat_quantized(a.values, b.values),
-    )
-
-
-def _concat_quantized(a: QuantizedTensor, b: QuantizedTensor) -> QuantizedTensor:
-    """Tokens of ``b`` after those of ``a`` (statistics are along dim 2 in both layouts)."""
-    return dataclasses.replace(
-        a,
-        packed=torch.cat([a.packed, b.packed], dim=2),
-        scale=torch.cat([a.scale, b.scale], dim=2),
-        zero=torch.cat([a.zero, b.zero], dim=2),
-        shape=(a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]),
+        keys=cat_quantized([a.keys, b.keys], dim=2),
+        values=cat_quantized([a.values, b.values], dim=2),
     )
 
 

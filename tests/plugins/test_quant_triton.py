@@ -153,12 +153,9 @@ def test_decode_attention_on_the_triton_backend_matches_torch(kernels):
 
 
 @pytest.fixture(scope="module")
-def attend_kernel() -> ModuleType:
-    pytest.importorskip("triton")
-    from kvcomp_plugins.quantizers import triton_attend, triton_kernels
+def attend_kernel(kernels: ModuleType) -> ModuleType:
+    from kvcomp_plugins.quantizers import triton_attend  # runnable wherever the quantise kernels are
 
-    if not torch.cuda.is_available() and not triton_kernels.INTERPRETED:
-        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1")
     return triton_attend
 
 
