@@ -67,10 +67,17 @@ def merge_parts(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     """Exact attention output from per-part ``(output [..., r, d], lse [..., r])`` pairs."""
     if len(parts) == 1:
         return parts[0][0]
-    lse = torch.stack([p[1] for p in parts])  # [P, ..., r]
+    return merge_stacked(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))[0]
+
+
+def merge_stacked(outputs: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The merge of parts stacked along dim 0: ``outputs [P, ..., r, d]`` (each part's normalised
+    output) and ``lse [P, ..., r]`` (``-inf`` where a part saw nothing); returns the merged
+    output ``[..., r, d]`` and its log-sum-exp ``[..., r]`` (0 and ``-inf`` for rows that saw
+    nothing in any part, not NaN)."""
     top = lse.amax(dim=0)
-    top = torch.where(torch.isinf(top), 0.0, top)  # rows with no key anywhere stay 0, not NaN
+    top = torch.where(torch.isinf(top), 0.0, top)
     weights = torch.exp(lse - top)  # [P, ..., r]
-    out = sum(w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts))
-    total = weights.sum(dim=0).unsqueeze(-1)
-    return out / torch.where(total > 0, total, 1.0)
+    total = weights.sum(dim=0)
+    out = (weights.unsqueeze(-1) * outputs).sum(dim=0) / torch.where(total > 0, total, 1.0).unsqueeze(-1)
+    return out, top + torch.log(total)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvcore.decode_attention import DensePart, attend_dense, merge_parts
+from kvcore.decode_attention import DensePart, attend_dense, merge_parts, merge_stacked
 from kvcore.types import KVTier
 
 BLOCK_T = 64
@@ -95,13 +95,9 @@ def _attend_tier(rows: Tensor, tier: KVTier, padding: Tensor | None) -> tuple[Te
         D=d, G=k.group_size, BITS=tier.bits, KEY_TOKEN_AXIS=k.axis == "token", HAS_VALID=valid is not None,
         BLOCK_R=block_r, BLOCK_T=BLOCK_T,
     )
-    m, l, acc = m[..., :r], l[..., :r], acc[..., :r, :]  # [B * H_kv, NB, r(, d)]
-    top = m.amax(dim=1, keepdim=True)
-    top = torch.where(torch.isinf(top), 0.0, top)
-    weight = torch.exp(m - top)  # 0 for fully masked blocks
-    total = (weight * l).sum(dim=1)  # [B * H_kv, r]
-    out = (weight.unsqueeze(-1) * acc).sum(dim=1) / torch.where(total > 0, total, 1.0).unsqueeze(-1)
-    lse = top.squeeze(1) + torch.log(total)  # -inf where nothing was visible
+    # Blocks become parts [NB, B * H_kv, r(, d)]: normalised output and log-sum-exp (-inf when empty).
+    m, l, acc = m[..., :r].transpose(0, 1), l[..., :r].transpose(0, 1), acc[..., :r, :].transpose(0, 1)
+    out, lse = merge_stacked(acc / torch.where(l > 0, l, 1.0).unsqueeze(-1), m + torch.log(l))
     return out.view(b, h, r, d), lse.view(b, h, r)
 
 
