@@ -10,6 +10,7 @@ The class *is* ``LlamaForCausalLM`` (same weights, same ``generate``); only two 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -182,13 +183,15 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     use_cache=False,
                 )
             assert capture.keys is not None and capture.values is not None and capture.queries is not None
+            keys, queries = capture.keys, capture.queries
             obs = LayerObservation(
                 layer_idx=layer_idx,
-                keys=capture.keys,
+                keys=keys,
                 values=capture.values,
-                queries=capture.queries,
-                keys_pre_rope=_unrotate(capture.keys, cos, sin),
-                queries_pre_rope=_unrotate(capture.queries, cos[:, window_idx], sin[:, window_idx]),
+                queries=queries,
+                # Computed only if a scorer reads them (the default one does not).
+                keys_pre_rope=functools.partial(_unrotate, keys, cos, sin),
+                queries_pre_rope=functools.partial(_unrotate, queries, cos[:, window_idx], sin[:, window_idx]),
                 window_idx=window_idx,
                 positions=positions,
                 n_original=n,

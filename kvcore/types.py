@@ -7,15 +7,44 @@ storage tier. Positions are *original* prompt positions (what RoPE saw); ``-1`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 PADDING_POSITION = -1
 """Position value that marks a padding slot; attention never looks at it."""
+
+
+class _OnFirstRead:
+    """A dataclass field holding a tensor or a zero-argument function that makes it, called on
+    the first read and then kept. The pre-RoPE keys and queries cost a pass over every key of a
+    layer in prefill; most scorers never read them, so they are only computed when one does.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Tensor:
+        if obj is None:
+            raise AttributeError  # to dataclasses: this field has no default
+        value = obj.__dict__[self.slot]
+        if not isinstance(value, Tensor):
+            value = obj.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, obj: Any, value: Tensor | Callable[[], Tensor]) -> None:
+        obj.__dict__[self.slot] = value
+
+
+def materialised(obs: "LayerObservation", name: str) -> Tensor | None:
+    """The tensor of a computed-on-first-read field if it exists already, else ``None``
+    (for checks that must not trigger the computation)."""
+    value = obs.__dict__.get("_" + name)
+    return value if isinstance(value, Tensor) else None
 
 
 @dataclass
@@ -27,8 +56,9 @@ class LayerObservation:
         keys: post-RoPE keys, ``[B, H_kv, N, d]`` (what the cache would store).
         values: values, ``[B, H_kv, N, d]``.
         queries: post-RoPE queries of the prompt window, ``[B, H, W, d]``.
-        keys_pre_rope: keys before the rotary embedding, ``[B, H_kv, N, d]``.
-        queries_pre_rope: window queries before the rotary embedding, ``[B, H, W, d]``.
+        keys_pre_rope: keys before the rotary embedding, ``[B, H_kv, N, d]`` (may be given as a
+            zero-argument function: computed on first read).
+        queries_pre_rope: window queries before the rotary embedding, ``[B, H, W, d]`` (likewise).
         window_idx: indices along the ``N`` axis of the window queries, ``[W]``: the window tokens
             of every row (their union when rows differ).
         positions: original position of each token, ``[B, N]`` int64, ``-1`` for padding.
@@ -42,8 +72,8 @@ class LayerObservation:
     keys: Tensor
     values: Tensor
     queries: Tensor
-    keys_pre_rope: Tensor
-    queries_pre_rope: Tensor
+    keys_pre_rope: Tensor = _OnFirstRead()  # type: ignore[assignment]
+    queries_pre_rope: Tensor = _OnFirstRead()  # type: ignore[assignment]
     window_idx: Tensor
     positions: Tensor
     n_original: int

@@ -229,3 +229,24 @@ def test_decoding_through_the_triton_kernel_gives_the_torch_backends_tokens(pipe
         tokens[backend] = pipe.generate(PROMPT, max_new_tokens=6).token_ids
     assert calls, "the triton backend decoded through the kernel"
     assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.parametrize("preset", ["default", "lossless8"])
+def test_the_cpu_decode_kernel_is_autos_choice_and_gives_the_torch_backends_tokens(pipe, monkeypatch, preset):
+    import shutil
+
+    from kvcomp_plugins.quantizers import native
+
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine: the CPU decode kernel cannot be built")
+    assert native.available(), "a C compiler is on this machine, so the CPU decode kernel must build"
+    calls = []
+    kernel = native.attend_layer
+    monkeypatch.setattr(native, "attend_layer", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    tokens = {}
+    for backend in ("torch", "auto"):
+        overrides = {"quantizer.backend": backend, "quantizer.residual_length": 8}
+        pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
+        tokens[backend] = pipe.generate(PROMPT, max_new_tokens=8).token_ids
+    assert calls, "on a CPU, backend 'auto' decoded through the C kernel"
+    assert tokens["auto"] == tokens["torch"]

@@ -8,8 +8,14 @@ import torch
 
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.types import KVTier
-from kvcomp_plugins.quantizers.attend import attend_layer
+from kvcomp_plugins.quantizers import attend, native
 from kvcomp_plugins.quantizers.packing import quantize_pack, unpack_dequantize
+
+
+IMPLEMENTATIONS = [
+    pytest.param(attend.attend_layer, id="torch"),
+    pytest.param(native.attend_layer, id="native"),
+]
 
 
 def _tier(bits: int, n: int, key_axis: str, seed: int, b: int = 2, h: int = 3, d: int = 16, g: int = 8) -> KVTier:
@@ -40,18 +46,20 @@ def _reference(rows, tiers, dense, padding=None):
     return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1) @ values
 
 
+@pytest.mark.parametrize("attend_layer", IMPLEMENTATIONS)
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n", [5, 8, 29])  # shorter than a group, one full group, groups plus a partial one
-def test_one_tier_matches_attention_over_its_dequantised_values(bits, key_axis, n):
+def test_one_tier_matches_attention_over_its_dequantised_values(bits, key_axis, n, attend_layer):
     tier = _tier(bits, n, key_axis, seed=bits * 100 + n)
     rows = torch.randn(2, 3, 6, 16, generator=torch.Generator().manual_seed(n))
     dense = _dense(2, 3, 4, 16, seed=n)
     torch.testing.assert_close(attend_layer(rows, [tier], dense).double(), _reference(rows, [tier], dense), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attend_layer", IMPLEMENTATIONS)
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
-def test_mixed_tiers_with_padding_share_one_softmax(key_axis):
+def test_mixed_tiers_with_padding_share_one_softmax(key_axis, attend_layer):
     tiers = [_tier(8, 11, key_axis, 1), _tier(4, 40, key_axis, 2), _tier(2, 17, key_axis, 3), _tier(8, 8, key_axis, 4)]
     padding = [torch.zeros(2, 3, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
     padding[1][0, :, :, :7] = True  # row 0 is left-padded in the 4-bit tier
@@ -67,7 +75,21 @@ def test_mixed_tiers_with_padding_share_one_softmax(key_axis):
     assert (unmasked[1, :, :2] - out[1, :, :2]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_kernel_reads_a_half_precision_dense_part(dtype):
+    """The cache stores its full-precision tokens in float16 by default: the kernel reads them as
+    stored, and agrees with the torch reference over the same values."""
+    tiers = [_tier(4, 40, "channel", 2), _tier(2, 17, "channel", 3)]
+    dense = _dense(2, 3, 5, 16, seed=8)
+    half = DensePart(dense.keys.to(dtype), dense.values.to(dtype))
+    rows = torch.randn(2, 3, 3, 16, generator=torch.Generator().manual_seed(9))
+    expected = attend.attend_layer(rows, tiers, half)
+    torch.testing.assert_close(native.attend_layer(rows, tiers, half), expected, rtol=1e-4, atol=1e-5)
+    assert (native.attend_layer(rows, tiers, dense) - expected).abs().max() > 1e-4, "the dense part is read in its dtype"
+
+
 def test_tiers_quantised_differently_are_refused():
+    attend_layer = attend.attend_layer
     with pytest.raises(ValueError, match="one group size and one key grouping"):
         attend_layer(torch.zeros(2, 3, 1, 16), [_tier(8, 8, "channel", 1), _tier(8, 8, "token", 2)], _dense(2, 3, 1, 16, 0))
 

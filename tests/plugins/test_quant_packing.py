@@ -170,9 +170,10 @@ def test_bad_arguments_are_refused(shape: tuple[int, ...], bits: int, group_size
         quantize_pack(torch.zeros(shape), bits, group_size, axis)  # type: ignore[arg-type]
 
 
-def test_auto_backend_on_cpu_is_the_torch_reference() -> None:
+def test_auto_backend_on_cpu_stores_the_torch_references_bytes() -> None:
     x = torch.randn(1, 2, 8, 16)
-    assert backends.select_backend("auto", x.device).__name__.endswith(".packing")
+    # The C kernel where it builds (tests/plugins/test_quant_native.py), else the reference itself.
+    assert backends.select_backend("auto", x.device).__name__.rsplit(".", 1)[-1] in ("native", "packing")
     q = backends.quantize_pack(x, 4, 8, "token", backend="auto")
     assert torch.equal(q.packed, quantize_pack(x, 4, 8, "token").packed)
     with pytest.raises(ValueError, match="backend='cuda'"):

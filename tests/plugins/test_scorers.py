@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -406,3 +407,20 @@ def test_components_are_registered_by_kvcomp() -> None:
     assert spec.distribution == "kvcomp"
     assert spec.module == "kvcomp_plugins.propagators.selective"
     assert set(SCORER_NAMES) <= set(registry.names("scorer"))
+
+
+def test_pre_rope_tensors_are_computed_only_when_a_scorer_reads_them():
+    """The model hands them over as functions: the default scorer never calls them (a pass over
+    every key of every layer saved in prefill), a content scorer calls each once."""
+    base = make_obs()
+    calls = []
+
+    def lazy(tensor):
+        return lambda: calls.append(1) or tensor
+
+    obs = dataclasses.replace(base, keys_pre_rope=lazy(base.keys_pre_rope), queries_pre_rope=lazy(base.queries_pre_rope))
+    PromptGuidedScorer(alpha=1.0, beta=0.0, gamma=0.0).score(obs)  # the default preset's weights
+    assert calls == []
+    with_content = PromptGuidedScorer(alpha=0.5, beta=0.5, gamma=0.0)
+    torch.testing.assert_close(with_content.score(obs), with_content.score(base))
+    assert len(calls) == 2  # once each, then kept

@@ -1,7 +1,10 @@
-"""Picks the kernel implementation: the torch reference or the Triton kernels (same bytes).
+"""Picks the kernel implementation: the torch reference, the Triton kernels or the CPU decode kernel.
 
-``"auto"`` uses Triton for CUDA tensors when triton imports, else torch; ``"triton"`` forces it
-(on a CPU tensor only under ``TRITON_INTERPRET=1``); ``"torch"`` forces the reference. Triton is
+``"auto"`` uses Triton for CUDA tensors when triton imports, and the C decode kernel
+(:mod:`.native`) for decode attention on CPU tensors when it builds, else torch; ``"triton"``
+forces Triton (on a CPU tensor only under ``TRITON_INTERPRET=1``); ``"native"`` forces the C
+decode kernel (quantisation then uses the torch reference, which it has no twin of); ``"torch"``
+forces the reference everywhere. Quantised bytes are the same with every backend. Triton is
 imported lazily, on first use, so CPU-only users never pay for it.
 """
 
@@ -17,11 +20,11 @@ from torch import Tensor
 
 from kvcore.decode_attention import DensePart
 from kvcore.types import KVTier, QuantizedTensor
-from kvcomp_plugins.quantizers import attend, packing
+from kvcomp_plugins.quantizers import attend, native, packing
 from kvcomp_plugins.quantizers.packing import Axis
 
-Backend = Literal["auto", "torch", "triton"]
-BACKENDS = ("auto", "torch", "triton")
+Backend = Literal["auto", "torch", "triton", "native"]
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,13 +43,23 @@ def triton_available() -> bool:
 
 
 def select_backend(backend: str, device: torch.device) -> ModuleType:
-    """The module (:mod:`.packing` or :mod:`.triton_kernels`) that serves ``backend`` on ``device``."""
+    """The module (:mod:`.packing`, :mod:`.triton_kernels` or :mod:`.native`) that quantises for
+    ``backend`` on ``device``."""
     if backend == "torch":
         return packing
     if backend == "auto":
         if device.type == "cuda":
             return _triton_module() or packing
+        if device.type == "cpu" and native.quantize_available():
+            return native
         return packing
+    if backend == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors (got one on {device}); use 'auto'")
+        if not native.quantize_available():
+            raise RuntimeError("backend='native' was requested but the CPU kernel is not available here "
+                               "(see the warning it gave, or KVCOMP_NATIVE=0); use 'torch' or 'auto'")
+        return native
     if backend == "triton":
         kernels = _triton_module()
         if kernels is None:
@@ -74,9 +87,9 @@ def quantize_pack_many(requests: list[packing.QuantRequest], backend: Backend = 
     for x, bits, group_size, axis in requests:
         packing.validate_quant_args(tuple(x.shape), bits, group_size, axis)
     module = select_backend(backend, requests[0][0].device)
-    if module is packing:
-        return packing.quantize_pack_many(requests)
-    return [module.quantize_pack(*request) for request in requests]
+    if module in (packing, native):
+        return module.quantize_pack_many(requests)
+    return [module.quantize_pack(*request) for request in requests]  # Triton: one launch per tensor anyway
 
 
 def unpack_dequantize(q: QuantizedTensor, dtype: torch.dtype, backend: Backend = "auto") -> Tensor:
@@ -93,8 +106,11 @@ def attend_layer(
     scratch: attend.Scratch | None = None,
 ) -> Tensor:
     """Decode attention over packed ``tiers`` and the ``dense`` part (see :func:`.attend.attend_layer`)
-    with the selected backend (Triton: :mod:`.triton_attend`, imported on first use)."""
-    if select_backend(backend, rows.device) is packing:
+    with the selected backend (Triton: :mod:`.triton_attend`, imported on first use; CPU:
+    :mod:`.native`, built on first use)."""
+    if backend == "native" or (backend == "auto" and native.supports(rows, dense) and native.available()):
+        return native.attend_layer(rows, tiers, dense, padding, scratch)
+    if select_backend(backend, rows.device) in (packing, native):
         return attend.attend_layer(rows, tiers, dense, padding, scratch)
     from kvcomp_plugins.quantizers import triton_attend
 

@@ -52,7 +52,9 @@ class TieredQuantizerConfig(BaseModel):
     flush_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT, description="Tokens per decode flush; None means group_size.")
     flush_bits: BitWidth = Field(8, description="Bit width of tokens flushed from the decode residual.")
     residual_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    backend: Literal["auto", "torch", "triton", "native"] = Field(
+        "auto", description="Kernels: auto (Triton on CUDA, the C decode kernel on CPU), torch, triton or native."
+    )
 
     def tier_fractions(self) -> tuple[tuple[int, float], ...]:
         """``(bits, fraction of candidates)`` per tier, highest precision first."""

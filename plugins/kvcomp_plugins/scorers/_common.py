@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
-from kvcore.types import LayerObservation
+from kvcore.types import LayerObservation, materialised
 
 PROTECTED_SCORE = 2.0
 """Score of sinks and window tokens: candidates score at most 1, so protected tokens always outrank."""
@@ -83,8 +83,11 @@ def check_observation(obs: LayerObservation) -> None:
     if obs.keys.dim() != 4:
         raise ValueError(f"keys must be [B, H_kv, N, d], got shape {tuple(obs.keys.shape)}")
     b, h_kv, n, d = obs.keys.shape
-    for name in ("values", "keys_pre_rope"):
-        shape = tuple(getattr(obs, name).shape)
+    # Pre-RoPE tensors not computed yet (model-made, right by construction) are not forced here.
+    for name, tensor in (("values", obs.values), ("keys_pre_rope", materialised(obs, "keys_pre_rope"))):
+        if tensor is None:
+            continue
+        shape = tuple(tensor.shape)
         if shape != (b, h_kv, n, d):
             raise ValueError(f"{name} must have the keys' shape {(b, h_kv, n, d)}, got {shape}")
     if obs.queries.dim() != 4 or obs.queries.shape[0] != b or obs.queries.shape[-1] != d:
@@ -92,9 +95,10 @@ def check_observation(obs: LayerObservation) -> None:
     h, w = obs.queries.shape[1], obs.queries.shape[2]
     if h % h_kv != 0:
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
-    if tuple(obs.queries_pre_rope.shape) != (b, h, w, d):
+    queries_pre_rope = materialised(obs, "queries_pre_rope")
+    if queries_pre_rope is not None and tuple(queries_pre_rope.shape) != (b, h, w, d):
         raise ValueError(
-            f"queries_pre_rope must have the queries' shape {(b, h, w, d)}, got {tuple(obs.queries_pre_rope.shape)}"
+            f"queries_pre_rope must have the queries' shape {(b, h, w, d)}, got {tuple(queries_pre_rope.shape)}"
         )
     if tuple(obs.window_idx.shape) != (w,):
         raise ValueError(f"window_idx must be [W={w}], got shape {tuple(obs.window_idx.shape)}")

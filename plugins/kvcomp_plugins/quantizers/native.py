@@ -1,0 +1,265 @@
+"""The CPU kernels (:file:`native_attend.c`): built on first use, called through ctypes.
+
+Why a C kernel: on a CPU a decode step over packed tiers costs what its *op count* costs. The
+torch reference (:mod:`.attend`) needs ~50 small ops per layer and step to unpack, dequantise and
+attend, which made decoding on the compressed cache slower than on an uncompressed one although
+it reads 4x fewer bytes. The kernel does a layer in one call, unpacking each token's codes in
+registers, so the compressed cache decodes faster than the uncompressed one. The same library
+quantises and packs (prefill and decode flushes) with the bytes of the torch reference
+(:mod:`.packing`), in one call per tensor instead of ~25 small ops.
+
+Building: the first call compiles the C file with the system C compiler (``$CC``, else ``cc``;
+``-O3 -march=native``, OpenMP when the compiler has it) into a cache folder
+(``$KVCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvcomp``, else ``~/.cache/kvcomp``), keyed by
+the source, the flags and this CPU's feature flags; later processes load it in milliseconds.
+No compiler, or a failed build: one warning, and backend ``auto`` keeps the torch reference
+(``native`` asked for by name raises instead). ``KVCOMP_NATIVE=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kvcore.decode_attention import DensePart
+from kvcore.types import KVTier, QuantizedTensor
+from kvcomp_plugins.quantizers import packing
+from kvcomp_plugins.quantizers.attend import Scratch
+from kvcomp_plugins.quantizers.packing import Axis, QuantRequest, validate_quant_args
+
+SOURCE = Path(__file__).with_name("native_attend.c")
+MAX_HEAD_DIM = 512
+"""``KVC_MAX_D`` in the C source: the kernel keeps one token's ``d`` floats in registers/stack."""
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-march=native", "-fopenmp-simd"],
+    ["-O3"],
+)
+"""Tried in order: the first that compiles is used (not every compiler has OpenMP or -march)."""
+
+
+class _Tier(ctypes.Structure):
+    _fields_ = [
+        ("kp", ctypes.c_void_p), ("vp", ctypes.c_void_p), ("pad", ctypes.c_void_p),
+        ("ks", ctypes.c_void_p), ("kz", ctypes.c_void_p), ("vs", ctypes.c_void_p), ("vz", ctypes.c_void_p),
+        ("n", ctypes.c_int64), ("bits", ctypes.c_int32), ("key_token_axis", ctypes.c_int32),
+    ]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (see the module docstring)."""
+    if os.environ.get("KVCOMP_CACHE_DIR"):
+        return Path(os.environ["KVCOMP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvcomp"
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (``-march=native`` builds for them; another CPU needs its own build)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> tuple[Path | None, str]:
+    """Compile the kernel (or find it built); ``(path, "")`` or ``(None, why it failed)``."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+        target = cache_dir() / f"native_attend-{key}.so"
+        if target.is_file():
+            return target, ""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build under a temporary name, then rename: processes starting together (torchrun) never
+        # load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            errors.append(f"{' '.join(cmd)}: {exc}")
+            continue
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return target, ""
+        Path(tmp).unlink(missing_ok=True)
+        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+    return None, "\n".join(errors)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or ``None`` where it is turned off or cannot be built (warned once)."""
+    if os.environ.get("KVCOMP_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        warnings.warn("no C compiler found (set CC): the CPU decode kernel is off; decoding on a compressed "
+                      "cache uses the slower torch reference", RuntimeWarning, stacklevel=2)
+        return None
+    path, why = _build(compiler)
+    if path is None:
+        warnings.warn(f"the CPU decode kernel could not be built, the torch reference is used:\n{why}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.kvc_attend.restype = ctypes.c_int
+    lib.kvc_attend.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(_Tier), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+    ]
+    lib.kvc_quantize.restype = ctypes.c_int
+    lib.kvc_quantize.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64,
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+    ]
+    return lib
+
+
+def available() -> bool:
+    """True if the kernel is built and loaded here (building it on the first call)."""
+    return library() is not None
+
+
+def quantize_available() -> bool:
+    """True if the build also quantises (it needs the compiler's ``_Float16``)."""
+    lib = library()
+    return lib is not None and bool(lib.kvc_quantize_available())
+
+
+def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis) -> QuantizedTensor:
+    """:func:`.packing.quantize_pack` in C: the same bytes (the same fp32 recipe, step by step)."""
+    return quantize_pack_many([(x, bits, group_size, axis)])[0]
+
+
+def quantize_pack_many(requests: list[QuantRequest]) -> list[QuantizedTensor]:
+    """:func:`.packing.quantize_pack_many` in C, one call per tensor; CPU tensors only."""
+    lib = library()
+    if lib is None or not lib.kvc_quantize_available():
+        raise RuntimeError("the CPU kernel's quantiser is not available here; use backend 'torch' or 'auto'")
+    out = []
+    for x, bits, group_size, axis in requests:
+        validate_quant_args(tuple(x.shape), bits, group_size, axis)
+        if x.device.type != "cpu" or x.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"the CPU kernel quantises CPU tensors with head_dim <= {MAX_HEAD_DIM}, "
+                             f"got one on {x.device} with head_dim {x.shape[-1]}")
+        b, h, n, d = x.shape
+        xf = x.to(torch.float32).contiguous()
+        stat_shape = (b, h, n, d // group_size) if axis == "token" else (b, h, -(-n // group_size), d)
+        packed = torch.empty(b, h, n, d * bits // 8, dtype=torch.uint8)
+        scale = torch.empty(stat_shape, dtype=torch.float16)
+        zero = torch.empty(stat_shape, dtype=torch.float16)
+        if n:
+            status = lib.kvc_quantize(xf.data_ptr(), b * h, n, d, bits, group_size, int(axis == "token"),
+                                      packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), torch.get_num_threads())
+            if status != 0:
+                raise ValueError(f"the CPU kernel refused bits={bits}, group_size={group_size}, head_dim={d}")
+        out.append(QuantizedTensor(packed, scale, zero, bits, group_size, axis, (b, h, n, d)))
+    return out
+
+
+unpack_dequantize = packing.unpack_dequantize  # dense copies (tests, the fallback path) stay in torch
+
+
+_DENSE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""The dense part's storage dtypes the kernel reads, and their codes in the C source."""
+
+
+def supports(rows: Tensor, dense: DensePart) -> bool:
+    """True if the kernel can serve this call: CPU tensors, a dense part of float32, float16 or
+    bfloat16 (keys and values alike), ``d`` in range."""
+    return (rows.device.type == "cpu" and dense.keys.dtype in _DENSE_DTYPES and dense.values.dtype == dense.keys.dtype
+            and rows.shape[-1] <= MAX_HEAD_DIM)
+
+
+def _rows_layout(t: Tensor) -> tuple[Tensor, int]:
+    """``t [B, H_kv, n, d]`` with contiguous token rows, and its stride between (batch, head) pairs;
+    a copy only where batch and head strides are not uniform (the dense store is a view with room)."""
+    b, h, n, d = t.shape
+    if t.stride(-1) != 1 or t.stride(-2) != d or t.stride(0) != h * t.stride(1):
+        t = t.contiguous()
+    return t, t.stride(1)
+
+
+def attend_layer(
+    rows: Tensor,
+    tiers: Sequence[KVTier],
+    dense: DensePart,
+    padding: Sequence[Tensor | None] | None = None,
+    scratch: object = None,
+) -> Tensor:
+    """C twin of :func:`kvcomp_plugins.quantizers.attend.attend_layer` (same arguments; ``rows``
+    ``[B, H_kv, r, d]`` float32 already scaled); returns ``[B, H_kv, r, d]`` float32.
+
+    Raises ``RuntimeError`` if the kernel is not available and ``ValueError`` if it cannot serve
+    these tensors (see :func:`supports`).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU decode kernel is not available here (see the warning it gave, or "
+                           "KVCOMP_NATIVE=0); use backend 'torch' or 'auto'")
+    if not supports(rows, dense):
+        raise ValueError(f"the CPU decode kernel needs CPU tensors, a float32/16 or bfloat16 dense part and head_dim <= {MAX_HEAD_DIM}; "
+                         f"got rows on {rows.device}, dense {dense.keys.dtype}, head_dim {rows.shape[-1]}")
+    b, h, r, d = rows.shape
+    g = tiers[0].keys.group_size if tiers else d
+    if any((t.keys.group_size, t.values.group_size) != (g, g) for t in tiers) or d % g:
+        raise ValueError(f"tiers attended together must share one group size dividing head_dim={d}")
+    rows = rows.to(torch.float32).contiguous()
+    keep = []  # tensors whose memory the call reads: alive until it returns
+    structs = (_Tier * max(len(tiers), 1))()
+    for i, tier in enumerate(tiers):
+        parts = [tier.keys.packed, tier.values.packed, tier.keys.scale, tier.keys.zero, tier.values.scale, tier.values.zero]
+        parts = [p.contiguous() for p in parts]
+        pad = None if padding is None or padding[i] is None else padding[i].reshape(b * h, tier.n_tokens).to(torch.uint8).contiguous()
+        keep += [*parts, pad]
+        kp, vp, ks, kz, vs, vz = (p.data_ptr() for p in parts)
+        structs[i] = _Tier(kp, vp, pad.data_ptr() if pad is not None else None, ks, kz, vs, vz,
+                           tier.n_tokens, tier.bits, int(tier.keys.axis == "token"))
+    keys, stride = _rows_layout(dense.keys)
+    values, v_stride = _rows_layout(dense.values)
+    if v_stride != stride:
+        keys, values = keys.contiguous(), values.contiguous()
+        stride = keys.stride(1)
+    n_dense = keys.shape[-2]
+    mask = None
+    if dense.mask is not None:
+        mask = dense.mask.expand(b, h, r, n_dense).to(torch.uint8).contiguous()
+    total = sum(t.n_tokens for t in tiers) + n_dense
+    if isinstance(scratch, Scratch):
+        logits = scratch.get("native_logits", (b * h, r, total), torch.float32, rows.device)
+    else:
+        logits = torch.empty(b * h, r, total, dtype=torch.float32)
+    out = torch.empty(b, h, r, d, dtype=torch.float32)
+    status = lib.kvc_attend(
+        rows.data_ptr(), b * h, r, d, g, structs, len(tiers), keys.data_ptr(), values.data_ptr(),
+        _DENSE_DTYPES[keys.dtype], stride,
+        n_dense, mask.data_ptr() if mask is not None else None, logits.data_ptr(), total, out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"the CPU decode kernel refused head_dim={d}, group_size={g}")
+    del keep
+    return out
+

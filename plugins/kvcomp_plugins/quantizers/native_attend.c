@@ -1,0 +1,421 @@
+/* Decode attention over packed 2/4/8-bit tiers and a float32 dense part, for CPUs.
+ *
+ * The C twin of attend.py's torch reference (same layouts, same maths, float32 throughout):
+ * one call attends every query row of every (batch row, KV head) over all tiers of a layer and
+ * its full-precision tokens in one softmax. Each token's codes are unpacked and dequantised in
+ * registers, one token at a time; nothing the size of the layer is ever written, and a decode
+ * step of one layer is one call instead of dozens of small torch ops (what a CPU decode step
+ * pays for). Built on first use by native.py; no torch headers, called through ctypes.
+ *
+ * Layouts (all contiguous, row-major; BH = batch * KV heads):
+ *   rows    float32 [BH, R, D]       queries, already multiplied by the softmax scale
+ *   tier i  packed  uint8  [BH, n_i, D * bits_i / 8]   lowest channel in the lowest bits
+ *           keys per channel ("channel"): scale/zero fp16 [BH, ceil(n_i / G), D]
+ *           keys per token ("token") and values: scale/zero fp16 [BH, n_i, D / G]
+ *           pad     uint8 [BH, n_i] (1 = padding slot, never attended) or NULL
+ *   dense   keys/values of dense_dtype (0 float32, 1 float16, 2 bfloat16), token rows of D
+ *           elements; row t of (batch-head) bh starts at element bh * dense_bh_stride + t * D;
+ *           dmask uint8 [BH, R, n_dense] (1 = may attend) or NULL
+ *   logits  float32 scratch [BH, R, total], total = sum n_i + n_dense
+ *   out     float32 [BH, R, D]
+ * Every row must see at least one key (in a decode step: its own token in the dense part).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define KVC_MAX_D 512
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0) {
+        float f = (float)mantissa * 5.9604644775390625e-08f; /* subnormal (or zero): m * 2^-24 */
+        return sign ? -f : f;
+    }
+    if (exponent == 31)
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    else
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+/* One dense token row as float32 (x is written only where a conversion is needed). */
+static inline const float *dense_row(const void *base, int dtype, int64_t offset, int64_t d, float *restrict x) {
+    if (dtype == 0) return (const float *)base + offset;
+    if (dtype == 1) {
+#if defined(__FLT16_MAX__)
+        const _Float16 *h = (const _Float16 *)base + offset;
+        for (int64_t c = 0; c < d; c++) x[c] = (float)h[c];
+#else
+        const uint16_t *h = (const uint16_t *)base + offset;
+        for (int64_t c = 0; c < d; c++) x[c] = half_to_float(h[c]);
+#endif
+    } else {
+        const uint16_t *h = (const uint16_t *)base + offset;
+        for (int64_t c = 0; c < d; c++) {
+            uint32_t bits = (uint32_t)h[c] << 16;
+            memcpy(&x[c], &bits, sizeof bits);
+        }
+    }
+    return x;
+}
+
+static inline void unpack_row(const uint8_t *p, int bits, int64_t d, float *restrict out) {
+    if (bits == 8) {
+        for (int64_t c = 0; c < d; c++) out[c] = (float)p[c];
+    } else if (bits == 4) {
+        for (int64_t j = 0; j < d / 2; j++) {
+            out[2 * j] = (float)(p[j] & 15);
+            out[2 * j + 1] = (float)(p[j] >> 4);
+        }
+    } else { /* 2 bit */
+        for (int64_t j = 0; j < d / 4; j++) {
+            uint8_t b = p[j];
+            out[4 * j] = (float)(b & 3);
+            out[4 * j + 1] = (float)((b >> 2) & 3);
+            out[4 * j + 2] = (float)((b >> 4) & 3);
+            out[4 * j + 3] = (float)(b >> 6);
+        }
+    }
+}
+
+/* code * scale + zero with one fp16 (scale, zero) per group of g consecutive channels. */
+static inline void dequant_token_groups(float *restrict x, const uint16_t *s, const uint16_t *z, int64_t d, int64_t g) {
+    for (int64_t j = 0; j < d / g; j++) {
+        float scale = half_to_float(s[j]), zero = half_to_float(z[j]);
+        for (int64_t c = j * g; c < (j + 1) * g; c++) x[c] = x[c] * scale + zero;
+    }
+}
+
+/* "omp simd reduction" lets the compiler split the sum over vector lanes (a plain loop must add in
+ * order, one lane at a time); only the order of the float32 additions changes. */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t d) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < d; c++) acc += a[c] * b[c];
+    return acc;
+}
+
+/* exp(x) for x <= 0 (softmax arguments; -inf gives 0), branch-free so a loop of it vectorises:
+ * x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * below 3e-7 there), times 2^k built in the exponent bits. Results under 2^-126 flush to 0. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float k = floorf(x * 1.44269504f + 0.5f);
+    float r = x - k * 0.693145752f - k * 1.42860677e-06f; /* ln2 in two parts: r stays exact */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666667e-1f + r * (4.16666667e-2f + r * (8.33333333e-3f + r * 1.38888889e-3f)))));
+    union { int32_t i; float f; } scale; /* a union, not memcpy: the loop calling this vectorises */
+    scale.i = ((int32_t)k + 127) << 23;
+    return p * scale.f;
+}
+
+static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t d) {
+    for (int64_t c = 0; c < d; c++) y[c] += a * x[c];
+}
+
+typedef struct {
+    const uint8_t *kp, *vp, *pad;
+    const uint16_t *ks, *kz, *vs, *vz;
+    int64_t n;
+    int32_t bits, key_token_axis;
+} kvc_tier;
+
+#define KVC_BLOCK 8 /* tokens dequantised together: several independent dot products in flight, and
+                        each output row is read and written once per block, not once per token */
+
+/* Dequantised keys of tokens [tok0, tok0 + nb) of tier t into xb[KVC_BLOCK][d]. */
+static inline __attribute__((always_inline)) void dequant_keys(const kvc_tier *t, int64_t bh, int64_t tok0, int64_t nb,
+                                                               int64_t d, int64_t g, float *restrict xb,
+                                                               float *restrict kscale, float *restrict kzero, int64_t *loaded) {
+    int64_t packed_d = d * t->bits / 8, stats = t->key_token_axis ? d / g : d;
+    int64_t groups = t->key_token_axis ? t->n : (t->n + g - 1) / g;
+    const uint8_t *kp = t->kp + bh * t->n * packed_d;
+    const uint16_t *ks = t->ks + bh * groups * stats, *kz = t->kz + bh * groups * stats;
+    for (int64_t i = 0; i < nb; i++) {
+        int64_t tok = tok0 + i;
+        float *x = xb + i * d;
+        unpack_row(kp + tok * packed_d, t->bits, d, x);
+        if (t->key_token_axis) {
+            dequant_token_groups(x, ks + tok * stats, kz + tok * stats, d, g);
+            continue;
+        }
+        if (tok / g != *loaded) { /* a new token group: its per-channel statistics, converted once */
+            *loaded = tok / g;
+            const uint16_t *s = ks + *loaded * d, *z = kz + *loaded * d;
+            for (int64_t c = 0; c < d; c++) {
+                kscale[c] = half_to_float(s[c]);
+                kzero[c] = half_to_float(z[c]);
+            }
+        }
+        for (int64_t c = 0; c < d; c++) x[c] = x[c] * kscale[c] + kzero[c];
+    }
+}
+
+/* out[r] += sum_i p[r][i] * xb[i] over a block (p: [r_count][KVC_BLOCK], 0 past the block's end). */
+static inline __attribute__((always_inline)) void add_block(float *restrict out, const float *restrict p,
+                                                            const float *restrict xb, int64_t r_count, int64_t d) {
+    for (int64_t r = 0; r < r_count; r++) {
+        float *o = out + r * d;
+        const float *pr = p + r * KVC_BLOCK;
+        for (int64_t c = 0; c < d; c++) {
+            float acc = o[c];
+            for (int64_t i = 0; i < KVC_BLOCK; i++) acc += pr[i] * xb[i * d + c];
+            o[c] = acc;
+        }
+    }
+}
+
+/* always_inline: the callers below pass d as a constant for the common head dims, so every
+ * per-channel loop is unrolled into whole vectors (a runtime d costs several times more). */
+static inline __attribute__((always_inline)) void attend_one(int64_t bh, const float *rows, int64_t r_count, int64_t d, int64_t g,
+                       const kvc_tier *tiers, int64_t n_tiers, const void *dk, const void *dv, int dense_dtype,
+                       int64_t dense_bh_stride, int64_t n_dense, const uint8_t *dmask, float *logits_all,
+                       int64_t total, float *out_all) {
+    const float *q = rows + bh * r_count * d;
+    float *logits = logits_all + bh * r_count * total;
+    float *out = out_all + bh * r_count * d;
+    float x[KVC_MAX_D], kscale[KVC_MAX_D], kzero[KVC_MAX_D];
+    float xb[KVC_BLOCK * KVC_MAX_D] __attribute__((aligned(64)));
+
+    /* Logits of every row against every key. */
+    int64_t col = 0;
+    for (int64_t i = 0; i < n_tiers; i++) {
+        const kvc_tier *t = &tiers[i];
+        const uint8_t *pad = t->pad ? t->pad + bh * t->n : NULL;
+        int64_t loaded = -1; /* token group whose key statistics are in kscale/kzero */
+        for (int64_t tok0 = 0; tok0 < t->n; tok0 += KVC_BLOCK) {
+            int64_t nb = t->n - tok0 < KVC_BLOCK ? t->n - tok0 : KVC_BLOCK;
+            dequant_keys(t, bh, tok0, nb, d, g, xb, kscale, kzero, &loaded);
+            for (int64_t r = 0; r < r_count; r++)
+                for (int64_t j = 0; j < nb; j++)
+                    logits[r * total + col + j] = (pad && pad[tok0 + j]) ? -INFINITY : dot(q + r * d, xb + j * d, d);
+            col += nb;
+        }
+    }
+    const uint8_t *mask = dmask ? dmask + bh * r_count * n_dense : NULL;
+    for (int64_t tok = 0; tok < n_dense; tok++, col++) {
+        const float *key = dense_row(dk, dense_dtype, bh * dense_bh_stride + tok * d, d, x);
+        for (int64_t r = 0; r < r_count; r++)
+            logits[r * total + col] = (mask && !mask[r * n_dense + tok]) ? -INFINITY : dot(q + r * d, key, d);
+    }
+
+    /* Softmax per row (unnormalised; the output is divided by the sum at the end). A masked
+     * logit (-inf) gives exactly 0, and the row's maximum is finite (it sees at least one key). */
+    float inv_sum[r_count > 0 ? r_count : 1];
+    for (int64_t r = 0; r < r_count; r++) {
+        float *row = logits + r * total, top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int64_t c = 0; c < total; c++) top = row[c] > top ? row[c] : top;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < total; c++) {
+            float p = row[c] == -INFINITY ? 0.0f : exp_nonpositive(row[c] - top);
+            row[c] = p;
+            sum += p;
+        }
+        inv_sum[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+
+    /* Values: dequantise each block of tokens once, add it to every row, weighted. */
+    memset(out, 0, (size_t)(r_count * d) * sizeof(float));
+    float pb[r_count > 0 ? r_count * KVC_BLOCK : 1];
+    col = 0;
+    for (int64_t i = 0; i < n_tiers; i++) {
+        const kvc_tier *t = &tiers[i];
+        int64_t packed_d = d * t->bits / 8, stats = d / g;
+        const uint8_t *vp = t->vp + bh * t->n * packed_d;
+        const uint16_t *vs = t->vs + bh * t->n * stats, *vz = t->vz + bh * t->n * stats;
+        for (int64_t tok0 = 0; tok0 < t->n; tok0 += KVC_BLOCK) {
+            int64_t nb = t->n - tok0 < KVC_BLOCK ? t->n - tok0 : KVC_BLOCK;
+            int seen = 0;
+            for (int64_t r = 0; r < r_count; r++)
+                for (int64_t j = 0; j < KVC_BLOCK; j++) {
+                    pb[r * KVC_BLOCK + j] = j < nb ? logits[r * total + col + j] : 0.0f;
+                    seen |= pb[r * KVC_BLOCK + j] != 0.0f;
+                }
+            col += nb;
+            if (!seen) continue; /* e.g. a block of padding slots */
+            for (int64_t j = 0; j < KVC_BLOCK; j++) {
+                float *xv = xb + j * d;
+                if (j >= nb) {
+                    memset(xv, 0, (size_t)d * sizeof(float));
+                    continue;
+                }
+                unpack_row(vp + (tok0 + j) * packed_d, t->bits, d, xv);
+                dequant_token_groups(xv, vs + (tok0 + j) * stats, vz + (tok0 + j) * stats, d, g);
+            }
+            add_block(out, pb, xb, r_count, d);
+        }
+    }
+    for (int64_t tok = 0; tok < n_dense; tok++, col++) {
+        const float *value = dense_row(dv, dense_dtype, bh * dense_bh_stride + tok * d, d, x);
+        for (int64_t r = 0; r < r_count; r++) axpy(out + r * d, logits[r * total + col], value, d);
+    }
+    for (int64_t r = 0; r < r_count; r++)
+        for (int64_t c = 0; c < d; c++) out[r * d + c] *= inv_sum[r];
+}
+
+/* Returns 0, or -1 when d is out of range (the caller checks first; this is a last guard). */
+int kvc_attend(const float *rows, int64_t bh_count, int64_t r_count, int64_t d, int64_t g,
+               const kvc_tier *tiers, int64_t n_tiers, const void *dk, const void *dv, int32_t dense_dtype, int64_t dense_bh_stride,
+               int64_t n_dense, const uint8_t *dmask, float *logits, int64_t total, float *out, int32_t threads) {
+    if (d < 1 || d > KVC_MAX_D || g < 1) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
+    for (int64_t bh = 0; bh < bh_count; bh++) {
+        if (d == 64)
+            attend_one(bh, rows, r_count, 64, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
+        else if (d == 128)
+            attend_one(bh, rows, r_count, 128, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
+        else
+            attend_one(bh, rows, r_count, d, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
+    }
+    return 0;
+}
+
+int kvc_abi_version(void) { return 2; }
+
+/* ---- Quantise and pack (prefill and decode flushes) -----------------------------------------
+ * The recipe of packing.py, step by step in the same fp32 operations, so the bytes are the torch
+ * reference's bit for bit: group min/max; zero = min rounded down to fp16; scale = max(span / qmax,
+ * smallest fp32) rounded up to fp16 (0 for a constant group); code = clamp(floor((x - zero) /
+ * scale + 0.5), 0, qmax). Needs the compiler's _Float16 (round-to-nearest-even conversions);
+ * kvc_quantize_available() says whether this build has it.
+ *
+ *   x      float32 [BH, n, D]
+ *   packed uint8   [BH, n, D * bits / 8]
+ *   scale/zero fp16 [BH, ceil(n / G), D] (axis "channel", token_axis = 0) or [BH, n, D / G] (1)
+ */
+#if defined(__FLT16_MAX__)
+static inline uint16_t f16_bits(_Float16 h) {
+    uint16_t u;
+    memcpy(&u, &h, sizeof u);
+    return u;
+}
+
+static inline float f16_value(uint16_t u) {
+    _Float16 h;
+    memcpy(&h, &u, sizeof h);
+    return (float)h;
+}
+
+/* Largest fp16 <= v (fp16 range assumed), as bits. */
+static inline uint16_t round_down_f16(float v) {
+    _Float16 h = (_Float16)v;
+    uint16_t u = f16_bits(h);
+    if ((float)h <= v) return u;
+    if ((float)h == 0.0f) return 0x8001u;
+    return (float)h < 0.0f ? (uint16_t)(u + 1) : (uint16_t)(u - 1);
+}
+
+/* Smallest fp16 >= v (fp16 range assumed), as bits. */
+static inline uint16_t round_up_f16(float v) {
+    _Float16 h = (_Float16)v;
+    uint16_t u = f16_bits(h);
+    if ((float)h >= v) return u;
+    if ((float)h == 0.0f) return 0x0001u;
+    return (float)h > 0.0f ? (uint16_t)(u + 1) : (uint16_t)(u - 1);
+}
+
+/* (scale, zero) fp16 bits of a group with fp32 minimum mn and maximum mx. */
+static inline void group_stats(float mn, float mx, float qmax, uint16_t *scale, uint16_t *zero) {
+    *zero = round_down_f16(mn);
+    float span = mx - f16_value(*zero);
+    float step = span > 0.0f ? span / qmax : 0.0f;
+    if (span > 0.0f && step < 1.40129846e-45f) step = 1.40129846e-45f; /* smallest fp32 */
+    *scale = round_up_f16(step);
+}
+
+static inline uint8_t code_of(float x, float zero, float scale, float qmax) {
+    float t = (x - zero) / (scale > 0.0f ? scale : 1.0f);
+    t = floorf(t + 0.5f);
+    t = t < 0.0f ? 0.0f : (t > qmax ? qmax : t);
+    return (uint8_t)t;
+}
+
+static void pack_row(const uint8_t *codes, int bits, int64_t d, uint8_t *out) {
+    int per = 8 / bits;
+    for (int64_t j = 0; j < d / per; j++) {
+        uint8_t byte = 0;
+        for (int k = 0; k < per; k++) byte |= (uint8_t)(codes[j * per + k] << (k * bits));
+        out[j] = byte;
+    }
+}
+
+static void quantize_one(int64_t bh, const float *x_all, int64_t n, int64_t d, int bits, int64_t g, int token_axis,
+                         uint8_t *packed_all, uint16_t *scale_all, uint16_t *zero_all) {
+    float qmax = (float)((1 << bits) - 1);
+    int64_t packed_d = d * bits / 8;
+    const float *x = x_all + bh * n * d;
+    uint8_t *packed = packed_all + bh * n * packed_d;
+    uint8_t codes[KVC_MAX_D];
+    if (token_axis) {
+        int64_t groups = d / g;
+        uint16_t *scale = scale_all + bh * n * groups, *zero = zero_all + bh * n * groups;
+        for (int64_t t = 0; t < n; t++) {
+            const float *row = x + t * d;
+            for (int64_t j = 0; j < groups; j++) {
+                float mn = row[j * g], mx = row[j * g];
+                for (int64_t c = j * g; c < (j + 1) * g; c++) {
+                    mn = row[c] < mn ? row[c] : mn;
+                    mx = row[c] > mx ? row[c] : mx;
+                }
+                group_stats(mn, mx, qmax, &scale[t * groups + j], &zero[t * groups + j]);
+                float s = f16_value(scale[t * groups + j]), z = f16_value(zero[t * groups + j]);
+                for (int64_t c = j * g; c < (j + 1) * g; c++) codes[c] = code_of(row[c], z, s, qmax);
+            }
+            pack_row(codes, bits, d, packed + t * packed_d);
+        }
+        return;
+    }
+    int64_t token_groups = (n + g - 1) / g;
+    uint16_t *scale = scale_all + bh * token_groups * d, *zero = zero_all + bh * token_groups * d;
+    float s[KVC_MAX_D], z[KVC_MAX_D], mn[KVC_MAX_D], mx[KVC_MAX_D];
+    for (int64_t tg = 0; tg < token_groups; tg++) {
+        int64_t first = tg * g, last = first + g < n ? first + g : n;
+        for (int64_t c = 0; c < d; c++) mn[c] = mx[c] = x[first * d + c];
+        for (int64_t t = first + 1; t < last; t++)
+            for (int64_t c = 0; c < d; c++) {
+                float v = x[t * d + c];
+                mn[c] = v < mn[c] ? v : mn[c];
+                mx[c] = v > mx[c] ? v : mx[c];
+            }
+        for (int64_t c = 0; c < d; c++) {
+            group_stats(mn[c], mx[c], qmax, &scale[tg * d + c], &zero[tg * d + c]);
+            s[c] = f16_value(scale[tg * d + c]);
+            z[c] = f16_value(zero[tg * d + c]);
+        }
+        for (int64_t t = first; t < last; t++) {
+            for (int64_t c = 0; c < d; c++) codes[c] = code_of(x[t * d + c], z[c], s[c], qmax);
+            pack_row(codes, bits, d, packed + t * packed_d);
+        }
+    }
+}
+
+int kvc_quantize(const float *x, int64_t bh_count, int64_t n, int64_t d, int32_t bits, int64_t g, int32_t token_axis,
+                 uint8_t *packed, uint16_t *scale, uint16_t *zero, int32_t threads) {
+    if (d < 1 || d > KVC_MAX_D || g < 1 || (bits != 2 && bits != 4 && bits != 8) || d % (8 / bits) ||
+        (token_axis && d % g))
+        return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
+    for (int64_t bh = 0; bh < bh_count; bh++) quantize_one(bh, x, n, d, bits, g, token_axis, packed, scale, zero);
+    return 0;
+}
+
+int kvc_quantize_available(void) { return 1; }
+#else
+int kvc_quantize(const float *x, int64_t bh_count, int64_t n, int64_t d, int32_t bits, int64_t g, int32_t token_axis,
+                 uint8_t *packed, uint16_t *scale, uint16_t *zero, int32_t threads) {
+    return -2;
+}
+
+int kvc_quantize_available(void) { return 0; }
+#endif
