@@ -149,30 +149,33 @@ def window_attention(obs: LayerObservation) -> Tensor:
     q_pos = obs.window_query_positions  # [B, W]
     q_valid = q_pos >= 0
     k_pos = obs.positions
-    # [B, 1, 1, W, N]: a valid query always sees its own key, so no valid row is empty.
-    visible = ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0))[:, None, None]
+    # [B, 1, 1, W, N], True = masked: a key the query may not see (later, or padding). A valid
+    # query always sees its own key; a padding query sees every real key (its row stays finite
+    # and its weight below is 0), so no row is empty.
+    sees_upto = torch.where(q_valid, q_pos, torch.iinfo(q_pos.dtype).max)
+    hidden = ((k_pos[:, None, :] > sees_upto[:, :, None]) | (k_pos[:, None, :] < 0))[:, None, None]
 
     s_q = _abs_max(queries, (2, 3, 4))  # [B, H_kv, 1, 1, 1]
     s_k = _abs_max(keys, (2, 3))  # [B, H_kv, 1, 1]
     inv_temp = (s_q.double() * s_k.double()[..., None] / math.sqrt(d)).clamp(max=MAX_LOGIT_SCALE).float()
-    # Dividing the queries by both scales bounds every product term by 1 without copying the keys.
-    q_unit = queries / s_q / s_k[..., None]
+    # Dividing the queries by both scales bounds every product term by 1 without copying the keys;
+    # the inverse temperature is folded into the (W-row) queries, not applied to the W x N logits.
+    q_unit = queries / s_q / s_k[..., None] * inv_temp
 
     # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
     n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
-    q_weight = (q_valid.float() / (g * n_valid[:, None]).float())[:, None, None, :, None]  # [B,1,1,W,1]
+    q_weight = (q_valid.float() / (g * n_valid[:, None]).float())[:, None, None, :]  # [B, 1, 1, W]
 
     per_chunk = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(1, b * g * w * n))
     out = []
     for start in range(0, h_kv, per_chunk):
         sl = slice(start, start + per_chunk)
-        logits = torch.einsum("bhgwd,bhnd->bhgwn", q_unit[:, sl], keys[:, sl]) * inv_temp[:, sl]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        # Padding queries see nothing; give their rows a harmless 0 so softmax stays finite.
-        logits = logits.masked_fill(~q_valid[:, None, None, :, None], 0.0)
-        probs = torch.softmax(logits, dim=-1) * q_weight
-        out.append(probs.sum(dim=(2, 3)))
-    return torch.cat(out, dim=1)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", q_unit[:, sl], keys[:, sl])
+        probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+        # The weighted mean over the g heads and W queries of a group is one small matmul.
+        weights = q_weight.expand(-1, probs.shape[1], g, -1).reshape(b, probs.shape[1], 1, g * w)
+        out.append(torch.matmul(weights, probs.reshape(b, probs.shape[1], g * w, n)).squeeze(2))
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
 def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Tensor:
