@@ -226,6 +226,8 @@ def attend_layer(
     g = tiers[0].keys.group_size if tiers else d
     if any((t.keys.group_size, t.values.group_size) != (g, g) for t in tiers) or d % g:
         raise ValueError(f"tiers attended together must share one group size dividing head_dim={d}")
+    if any(t.values.axis != "token" for t in tiers):
+        raise ValueError("the CPU decode kernel reads values quantised per token (axis 'token')")
     rows = rows.to(torch.float32).contiguous()
     keep = []  # tensors whose memory the call reads: alive until it returns
     structs = (_Tier * max(len(tiers), 1))()
