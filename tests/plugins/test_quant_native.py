@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_plugins.quantizers import MixedPrecisionQuantizer, backends, native, packing
+from kvcomp_plugins.quantizers import backends, native, packing
 
 if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
     pytest.skip("no C compiler on this machine: the CPU kernels cannot be built", allow_module_level=True)
@@ -70,23 +70,10 @@ def test_edge_magnitudes_match_reference(bits: int, axis: str, n: int, exponent:
     _assert_same(x, bits, 8, axis)
 
 
-def test_auto_quantises_in_c_on_a_cpu_and_stores_the_torch_bytes() -> None:
-    gen = torch.Generator().manual_seed(3)
-    keys, values = torch.randn(2, 2, 2, 40, 32, generator=gen)
-    positions = torch.arange(40).repeat(2, 1)
-    positions[1, :5] = -1
-    protected = (positions >= 0) & (positions < 2)
-    scores = torch.rand(2, 2, 40, generator=gen)
-    params = dict(frac_8bit=0.25, frac_4bit=0.25, frac_2bit=0.25, frac_drop=0.25, group_size=8, residual_length=6)
+def test_auto_quantises_in_c_on_a_cpu_and_stores_the_torch_bytes(assert_backends_store_the_same_bytes) -> None:
     assert backends.select_backend("auto", torch.device("cpu")) is native
-    layers = [
-        MixedPrecisionQuantizer(backend=backend, **params).compress(keys, values, positions, scores, protected)
-        for backend in ("torch", "native")
-    ]
-    assert [t.bits for t in layers[0].tiers] == [t.bits for t in layers[1].tiers] == [8, 4, 2]
-    for ref, got in zip(layers[0].tiers, layers[1].tiers):
-        for a, b in ((ref.keys, got.keys), (ref.values, got.values)):
-            assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    assert_backends_store_the_same_bytes("native")
+    assert_backends_store_the_same_bytes("auto")
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
