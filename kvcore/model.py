@@ -168,15 +168,18 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         padded = not bool(valid.all())
         window_idx = is_window.any(dim=0).nonzero().flatten()
         hidden = self.model.embed_tokens(input_ids)
+        # The rotary tables and the padded batch's mask depend only on the positions in the
+        # stream: computed again only after propagation has thinned it, not once per layer.
+        rope_pos = positions.clamp(min=0)
+        cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
+        mask = _prefill_mask(positions) if padded else None
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
-            rope_pos = positions.clamp(min=0)
-            cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
             capture = PrefillCapture(window_idx=window_idx)
             with capture_prefill(capture):
                 hidden = decoder_layer(
                     hidden,
-                    attention_mask=_prefill_mask(positions) if padded else None,
+                    attention_mask=mask,
                     position_ids=rope_pos,
                     position_embeddings=(cos, sin),
                     cache=None,
@@ -207,6 +210,9 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 keep = result.keep_idx.to(device)
                 hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
                 positions = positions.gather(1, keep)
+                rope_pos = positions.clamp(min=0)
+                cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
+                mask = _prefill_mask(positions) if padded else None
                 if cache.window_token_idx is None:
                     # The default window is the last W columns. A row shorter than W has padding
                     # there, which propagation may drop, so the gathered masks would differ per

@@ -58,6 +58,13 @@ class _Tier(ctypes.Structure):
     ]
 
 
+class _QuantRequest(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+        ("bh_count", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int32), ("token_axis", ctypes.c_int32),
+    ]
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept (see the module docstring)."""
     if os.environ.get("KVCOMP_CACHE_DIR"):
@@ -129,11 +136,8 @@ def library() -> ctypes.CDLL | None:
         ctypes.POINTER(_Tier), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
     ]
-    lib.kvc_quantize.restype = ctypes.c_int
-    lib.kvc_quantize.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64,
-        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-    ]
+    lib.kvc_quantize_many.restype = ctypes.c_int
+    lib.kvc_quantize_many.argtypes = [ctypes.POINTER(_QuantRequest), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
     return lib
 
 
@@ -154,28 +158,37 @@ def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis) -> Quantize
 
 
 def quantize_pack_many(requests: list[QuantRequest]) -> list[QuantizedTensor]:
-    """:func:`.packing.quantize_pack_many` in C, one call per tensor; CPU tensors only."""
+    """:func:`.packing.quantize_pack_many` in C: one call for requests sharing head dim and group
+    size (a layer's tiers, keys and values), CPU tensors only."""
     lib = library()
     if lib is None or not lib.kvc_quantize_available():
         raise RuntimeError("the CPU kernel's quantiser is not available here; use backend 'torch' or 'auto'")
-    out = []
+    out: list[QuantizedTensor] = []
+    calls: dict[tuple[int, int], list[tuple[Tensor, QuantizedTensor]]] = {}  # (d, G) -> work
     for x, bits, group_size, axis in requests:
         validate_quant_args(tuple(x.shape), bits, group_size, axis)
         if x.device.type != "cpu" or x.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"the CPU kernel quantises CPU tensors with head_dim <= {MAX_HEAD_DIM}, "
                              f"got one on {x.device} with head_dim {x.shape[-1]}")
         b, h, n, d = x.shape
-        xf = x.to(torch.float32).contiguous()
         stat_shape = (b, h, n, d // group_size) if axis == "token" else (b, h, -(-n // group_size), d)
-        packed = torch.empty(b, h, n, d * bits // 8, dtype=torch.uint8)
-        scale = torch.empty(stat_shape, dtype=torch.float16)
-        zero = torch.empty(stat_shape, dtype=torch.float16)
+        q = QuantizedTensor(
+            packed=torch.empty(b, h, n, d * bits // 8, dtype=torch.uint8),
+            scale=torch.empty(stat_shape, dtype=torch.float16),
+            zero=torch.empty(stat_shape, dtype=torch.float16),
+            bits=bits, group_size=group_size, axis=axis, shape=(b, h, n, d),
+        )
+        out.append(q)
         if n:
-            status = lib.kvc_quantize(xf.data_ptr(), b * h, n, d, bits, group_size, int(axis == "token"),
-                                      packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), torch.get_num_threads())
-            if status != 0:
-                raise ValueError(f"the CPU kernel refused bits={bits}, group_size={group_size}, head_dim={d}")
-        out.append(QuantizedTensor(packed, scale, zero, bits, group_size, axis, (b, h, n, d)))
+            calls.setdefault((d, group_size), []).append((x.to(torch.float32).contiguous(), q))
+    for (d, group_size), work in calls.items():
+        structs = (_QuantRequest * len(work))(*(
+            _QuantRequest(x.data_ptr(), q.packed.data_ptr(), q.scale.data_ptr(), q.zero.data_ptr(),
+                          q.shape[0] * q.shape[1], q.shape[2], q.bits, int(q.axis == "token"))
+            for x, q in work
+        ))
+        if lib.kvc_quantize_many(structs, len(work), d, group_size, torch.get_num_threads()) != 0:
+            raise ValueError(f"the CPU kernel refused group_size={group_size}, head_dim={d}")
     return out
 
 

@@ -400,22 +400,40 @@ static void quantize_one(int64_t bh, const float *x_all, int64_t n, int64_t d, i
     }
 }
 
-int kvc_quantize(const float *x, int64_t bh_count, int64_t n, int64_t d, int32_t bits, int64_t g, int32_t token_axis,
-                 uint8_t *packed, uint16_t *scale, uint16_t *zero, int32_t threads) {
-    if (d < 1 || d > KVC_MAX_D || g < 1 || (bits != 2 && bits != 4 && bits != 8) || d % (8 / bits) ||
-        (token_axis && d % g))
-        return -1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
-    for (int64_t bh = 0; bh < bh_count; bh++) quantize_one(bh, x, n, d, bits, g, token_axis, packed, scale, zero);
+typedef struct {
+    const float *x;
+    uint8_t *packed;
+    uint16_t *scale, *zero;
+    int64_t bh_count, n;
+    int32_t bits, token_axis;
+} kvc_quant_request;
+
+static int quant_args_ok(int64_t d, int64_t g, int32_t bits, int32_t token_axis) {
+    return d >= 1 && d <= KVC_MAX_D && g >= 1 && (bits == 2 || bits == 4 || bits == 8) && d % (8 / bits) == 0 &&
+           !(token_axis && d % g);
+}
+
+/* All tensors of a layer (every tier's keys and values: same d and g) in one call; the (tensor,
+ * batch-head) pairs are spread over the threads together. Returns 0, or -1 for bad arguments. */
+int kvc_quantize_many(const kvc_quant_request *reqs, int64_t n_reqs, int64_t d, int64_t g, int32_t threads) {
+    int64_t items = 0;
+    for (int64_t i = 0; i < n_reqs; i++) {
+        if (!quant_args_ok(d, g, reqs[i].bits, reqs[i].token_axis)) return -1;
+        items += reqs[i].bh_count;
+    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1 && items > 1)
+    for (int64_t item = 0; item < items; item++) {
+        int64_t i = 0, bh = item;
+        while (bh >= reqs[i].bh_count) bh -= reqs[i++].bh_count;
+        const kvc_quant_request *r = &reqs[i];
+        quantize_one(bh, r->x, r->n, d, r->bits, g, r->token_axis, r->packed, r->scale, r->zero);
+    }
     return 0;
 }
 
 int kvc_quantize_available(void) { return 1; }
 #else
-int kvc_quantize(const float *x, int64_t bh_count, int64_t n, int64_t d, int32_t bits, int64_t g, int32_t token_axis,
-                 uint8_t *packed, uint16_t *scale, uint16_t *zero, int32_t threads) {
-    return -2;
-}
+int kvc_quantize_many(const void *reqs, int64_t n_reqs, int64_t d, int64_t g, int32_t threads) { return -2; }
 
 int kvc_quantize_available(void) { return 0; }
 #endif
