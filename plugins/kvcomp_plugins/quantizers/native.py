@@ -6,7 +6,7 @@ attend, which made decoding on the compressed cache slower than on an uncompress
 it reads 4x fewer bytes. The kernel does a layer in one call, unpacking each token's codes in
 registers, so the compressed cache decodes faster than the uncompressed one. The same library
 quantises and packs (prefill and decode flushes) with the bytes of the torch reference
-(:mod:`.packing`), in one call per tensor instead of ~25 small ops.
+(:mod:`.packing`), in one call per layer instead of ~25 small ops per tensor.
 
 Building: the first call compiles the C file with the system C compiler (``$CC``, else ``cc``;
 ``-O3 -march=native``, OpenMP when the compiler has it) into a cache folder

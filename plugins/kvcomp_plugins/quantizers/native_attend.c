@@ -1,9 +1,9 @@
-/* Decode attention over packed 2/4/8-bit tiers and a float32 dense part, for CPUs.
+/* CPU kernels: decode attention over packed 2/4/8-bit tiers and a dense part, and quantise+pack.
  *
- * The C twin of attend.py's torch reference (same layouts, same maths, float32 throughout):
- * one call attends every query row of every (batch row, KV head) over all tiers of a layer and
- * its full-precision tokens in one softmax. Each token's codes are unpacked and dequantised in
- * registers, one token at a time; nothing the size of the layer is ever written, and a decode
+ * Attention is the C twin of attend.py's torch reference (same layouts, same maths, float32
+ * throughout): one call attends every query row of every (batch row, KV head) over all tiers of a
+ * layer and its full-precision tokens in one softmax. Codes are unpacked and dequantised in
+ * blocks of KVC_BLOCK tokens on the stack; nothing the size of the layer is ever written, and a decode
  * step of one layer is one call instead of dozens of small torch ops (what a CPU decode step
  * pays for). Built on first use by native.py; no torch headers, called through ctypes.
  *
