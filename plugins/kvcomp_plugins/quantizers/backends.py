@@ -1,11 +1,11 @@
-"""Picks the kernel implementation: the torch reference, the Triton kernels or the CPU decode kernel.
+"""Picks the kernel implementation: the torch reference, the Triton kernels or the CPU kernels.
 
-``"auto"`` uses Triton for CUDA tensors when triton imports, and the C decode kernel
-(:mod:`.native`) for decode attention on CPU tensors when it builds, else torch; ``"triton"``
+``"auto"`` uses Triton for CUDA tensors when triton imports, and the C kernels (:mod:`.native`:
+quantise+pack and decode attention) for CPU tensors when they build, else torch; ``"triton"``
 forces Triton (on a CPU tensor only under ``TRITON_INTERPRET=1``); ``"native"`` forces the C
-decode kernel (quantisation then uses the torch reference, which it has no twin of); ``"torch"``
-forces the reference everywhere. Quantised bytes are the same with every backend. Triton is
-imported lazily, on first use, so CPU-only users never pay for it.
+kernels (CPU tensors only); ``"torch"`` forces the reference everywhere. Quantised bytes are the
+same with every backend. Triton is imported lazily, on first use, so CPU-only users never pay for
+it; the C kernels are compiled on first use.
 """
 
 from __future__ import annotations
