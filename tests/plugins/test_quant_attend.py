@@ -88,6 +88,16 @@ def test_native_kernel_reads_a_half_precision_dense_part(dtype):
     assert (native.attend_layer(rows, tiers, dense) - expected).abs().max() > 1e-4, "the dense part is read in its dtype"
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_native_kernel_at_the_head_dims_it_is_specialised_for(d):
+    """The C kernel compiles d = 64 and 128 as constants (unrolled loops): those paths too."""
+    tiers = [_tier(8, 21, "channel", 1, d=d, g=32), _tier(4, 40, "channel", 2, d=d, g=32), _tier(2, 9, "channel", 3, d=d, g=32)]
+    dense = _dense(2, 3, 5, d, seed=8)
+    rows = torch.randn(2, 3, 3, d, generator=torch.Generator().manual_seed(9)) / d**0.5
+    expected = _reference(rows, tiers, dense)
+    torch.testing.assert_close(native.attend_layer(rows, tiers, dense).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_tiers_quantised_differently_are_refused():
     attend_layer = attend.attend_layer
     with pytest.raises(ValueError, match="one group size and one key grouping"):
