@@ -98,6 +98,17 @@ def test_native_kernel_at_the_head_dims_it_is_specialised_for(d):
     torch.testing.assert_close(native.attend_layer(rows, tiers, dense).double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_long_chunk_of_queries_goes_to_the_torch_path_and_the_kernel_says_why_by_name():
+    from kvcomp_plugins.quantizers import backends
+
+    tiers, dense = [_tier(4, 40, "channel", 2)], _dense(2, 3, 5, 16, seed=8)
+    rows = torch.randn(2, 3, native.MAX_ROWS + 1, 16, generator=torch.Generator().manual_seed(9))
+    assert not native.supports(rows, dense)
+    torch.testing.assert_close(backends.attend_layer(rows, tiers, dense, None), attend.attend_layer(rows, tiers, dense))
+    with pytest.raises(ValueError, match="query rows per KV head"):
+        native.attend_layer(rows, tiers, dense)
+
+
 def test_tiers_quantised_differently_are_refused():
     attend_layer = attend.attend_layer
     with pytest.raises(ValueError, match="one group size and one key grouping"):

@@ -197,13 +197,17 @@ unpack_dequantize = packing.unpack_dequantize  # dense copies (tests, the fallba
 
 _DENSE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 """The dense part's storage dtypes the kernel reads, and their codes in the C source."""
+MAX_ROWS = 1024
+"""Query rows per KV head (query heads per KV head x new tokens) the kernel takes: it keeps a few
+floats per row on its threads' stacks. A decode step has a handful; a long chunk of new tokens
+goes to the torch path instead."""
 
 
 def supports(rows: Tensor, dense: DensePart) -> bool:
     """True if the kernel can serve this call: CPU tensors, a dense part of float32, float16 or
-    bfloat16 (keys and values alike), ``d`` in range."""
+    bfloat16 (keys and values alike), ``d`` and the row count in range."""
     return (rows.device.type == "cpu" and dense.keys.dtype in _DENSE_DTYPES and dense.values.dtype == dense.keys.dtype
-            and rows.shape[-1] <= MAX_HEAD_DIM)
+            and rows.shape[-1] <= MAX_HEAD_DIM and rows.shape[-2] <= MAX_ROWS)
 
 
 def _rows_layout(t: Tensor) -> tuple[Tensor, int]:
@@ -233,8 +237,9 @@ def attend_layer(
         raise RuntimeError("the CPU decode kernel is not available here (see the warning it gave, or "
                            "KVCOMP_NATIVE=0); use backend 'torch' or 'auto'")
     if not supports(rows, dense):
-        raise ValueError(f"the CPU decode kernel needs CPU tensors, a float32/16 or bfloat16 dense part and head_dim <= {MAX_HEAD_DIM}; "
-                         f"got rows on {rows.device}, dense {dense.keys.dtype}, head_dim {rows.shape[-1]}")
+        raise ValueError(f"the CPU decode kernel needs CPU tensors, a float32/16 or bfloat16 dense part, head_dim <= {MAX_HEAD_DIM} "
+                         f"and at most {MAX_ROWS} query rows per KV head; "
+                         f"got rows on {rows.device}, dense {dense.keys.dtype}, head_dim {rows.shape[-1]}, {rows.shape[-2]} rows")
     b, h, r, d = rows.shape
     g = tiers[0].keys.group_size if tiers else d
     if any((t.keys.group_size, t.values.group_size) != (g, g) for t in tiers) or d % g:
