@@ -170,9 +170,12 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         hidden = self.model.embed_tokens(input_ids)
         # The rotary tables and the padded batch's mask depend only on the positions in the
         # stream: computed again only after propagation has thinned it, not once per layer.
-        rope_pos = positions.clamp(min=0)
-        cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
-        mask = _prefill_mask(positions) if padded else None
+        def stream_tables(hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+            rope_pos = positions.clamp(min=0)
+            cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
+            return rope_pos, cos, sin, _prefill_mask(positions) if padded else None
+
+        rope_pos, cos, sin, mask = stream_tables(hidden, positions)
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             capture = PrefillCapture(window_idx=window_idx)
@@ -186,15 +189,14 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     use_cache=False,
                 )
             assert capture.keys is not None and capture.values is not None and capture.queries is not None
-            keys, queries = capture.keys, capture.queries
             obs = LayerObservation(
                 layer_idx=layer_idx,
-                keys=keys,
+                keys=capture.keys,
                 values=capture.values,
-                queries=queries,
+                queries=capture.queries,
                 # Computed only if a scorer reads them (the default one does not).
-                keys_pre_rope=functools.partial(_unrotate, keys, cos, sin),
-                queries_pre_rope=functools.partial(_unrotate, queries, cos[:, window_idx], sin[:, window_idx]),
+                keys_pre_rope=functools.partial(_unrotate, capture.keys, cos, sin),
+                queries_pre_rope=functools.partial(_unrotate, capture.queries, cos[:, window_idx], sin[:, window_idx]),
                 window_idx=window_idx,
                 positions=positions,
                 n_original=n,
@@ -210,9 +212,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                 keep = result.keep_idx.to(device)
                 hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
                 positions = positions.gather(1, keep)
-                rope_pos = positions.clamp(min=0)
-                cos, sin = self.model.rotary_emb(hidden, position_ids=rope_pos)
-                mask = _prefill_mask(positions) if padded else None
+                rope_pos, cos, sin, mask = stream_tables(hidden, positions)
                 if cache.window_token_idx is None:
                     # The default window is the last W columns. A row shorter than W has padding
                     # there, which propagation may drop, so the gathered masks would differ per

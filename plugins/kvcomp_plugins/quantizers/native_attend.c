@@ -106,9 +106,10 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return acc;
 }
 
-/* exp(x) for x <= 0 (softmax arguments; -inf gives 0), branch-free so a loop of it vectorises:
- * x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
- * below 3e-7 there), times 2^k built in the exponent bits. Results under 2^-126 flush to 0. */
+/* exp(x) for x <= 0 (softmax arguments), branch-free so a loop of it vectorises: x = k ln2 + r
+ * with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error below 3e-7 there),
+ * times 2^k built in the exponent bits. x below -87 gives e^-87 (~1.6e-38, negligible next to the
+ * row's maximum term of 1); masked logits (-inf) are mapped to exactly 0 by the caller. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     float k = floorf(x * 1.44269504f + 0.5f);
@@ -301,12 +302,6 @@ static inline uint16_t f16_bits(_Float16 h) {
     return u;
 }
 
-static inline float f16_value(uint16_t u) {
-    _Float16 h;
-    memcpy(&h, &u, sizeof h);
-    return (float)h;
-}
-
 /* Largest fp16 <= v (fp16 range assumed), as bits. */
 static inline uint16_t round_down_f16(float v) {
     _Float16 h = (_Float16)v;
@@ -328,7 +323,7 @@ static inline uint16_t round_up_f16(float v) {
 /* (scale, zero) fp16 bits of a group with fp32 minimum mn and maximum mx. */
 static inline void group_stats(float mn, float mx, float qmax, uint16_t *scale, uint16_t *zero) {
     *zero = round_down_f16(mn);
-    float span = mx - f16_value(*zero);
+    float span = mx - half_to_float(*zero);
     float step = span > 0.0f ? span / qmax : 0.0f;
     if (span > 0.0f && step < 1.40129846e-45f) step = 1.40129846e-45f; /* smallest fp32 */
     *scale = round_up_f16(step);
@@ -369,7 +364,7 @@ static void quantize_one(int64_t bh, const float *x_all, int64_t n, int64_t d, i
                     mx = row[c] > mx ? row[c] : mx;
                 }
                 group_stats(mn, mx, qmax, &scale[t * groups + j], &zero[t * groups + j]);
-                float s = f16_value(scale[t * groups + j]), z = f16_value(zero[t * groups + j]);
+                float s = half_to_float(scale[t * groups + j]), z = half_to_float(zero[t * groups + j]);
                 for (int64_t c = j * g; c < (j + 1) * g; c++) codes[c] = code_of(row[c], z, s, qmax);
             }
             pack_row(codes, bits, d, packed + t * packed_d);
@@ -390,8 +385,8 @@ static void quantize_one(int64_t bh, const float *x_all, int64_t n, int64_t d, i
             }
         for (int64_t c = 0; c < d; c++) {
             group_stats(mn[c], mx[c], qmax, &scale[tg * d + c], &zero[tg * d + c]);
-            s[c] = f16_value(scale[tg * d + c]);
-            z[c] = f16_value(zero[tg * d + c]);
+            s[c] = half_to_float(scale[tg * d + c]);
+            z[c] = half_to_float(zero[tg * d + c]);
         }
         for (int64_t t = first; t < last; t++) {
             for (int64_t c = 0; c < d; c++) codes[c] = code_of(x[t * d + c], z[c], s[c], qmax);
