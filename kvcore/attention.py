@@ -72,10 +72,15 @@ def kvcomp_attention_forward(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[Tensor, None]:
-    """Attention for ``query [B, H, q, d]`` over ``key/value [B, H_kv, n, d]``; returns ``[B, q, H, d]``."""
+    """Attention for ``query [B, H, q, d]`` over ``key/value [B, H_kv, n, d]``; returns ``[B, q, H, d]``.
+
+    ``window_rows`` (int ``[W]``, only from the prefill loop): where the window's queries lie in
+    ``query`` when it holds only some rows of the stream; by default they lie at the window indices.
+    """
+    window_rows = kwargs.pop("window_rows", None)
     capture = _CAPTURE.get()
     if capture is not None:
-        capture.queries = query[:, :, capture.window_idx]
+        capture.queries = query[:, :, capture.window_idx if window_rows is None else window_rows]
         capture.keys, capture.values = key, value
     cache = _DECODE_CACHE.get()
     if cache is not None:

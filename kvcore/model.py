@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import rotate_half
 from transformers.utils.deprecation import deprecate_kwarg
 
-from kvcore.attention import ATTN_IMPLEMENTATION, PrefillCapture, capture_prefill, decoding_on
+from kvcore.attention import ATTN_IMPLEMENTATION, PrefillCapture, capture_prefill, decoding_on, kvcomp_attention_forward
 from kvcore.cache import CompressedKVCache
 from kvcore.compressor import RealTimePrefillCompressor
 from kvcore.config import CompressionConfig
@@ -176,11 +176,19 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
             return rope_pos, cos, sin, _prefill_mask(positions) if padded else None
 
         rope_pos, cos, sin, mask = stream_tables(hidden, positions)
+        last_layer = self.config.num_hidden_layers - 1
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             capture = PrefillCapture(window_idx=window_idx)
+            # Nothing reads the last layer's output but at the last token (its K/V, what the cache
+            # stores, come from the layer's input): that layer runs on the window and one token.
             with capture_prefill(capture):
-                hidden = decoder_layer(
+                if layer_idx == last_layer:
+                    run_layer: Any = functools.partial(_last_token_layer, window_idx=window_idx)
+                else:
+                    run_layer = _whole_layer
+                hidden = run_layer(
+                    decoder_layer,
                     hidden,
                     attention_mask=mask,
                     position_ids=rope_pos,
@@ -208,7 +216,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
             capture.clear()
             del obs  # the full-precision K/V of this layer can go now
             stats_tokens.append(n_cur)
-            if result.keep_idx is not None and result.keep_idx.shape[1] < n_cur:
+            if result.keep_idx is not None and result.keep_idx.shape[1] < n_cur and layer_idx < last_layer:
                 keep = result.keep_idx.to(device)
                 hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
                 positions = positions.gather(1, keep)
@@ -257,6 +265,57 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         last = torch.where(mask, column, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1: no window
         mask |= column > last
         return torch.where(last >= 0, mask, default)
+
+
+def _whole_layer(layer: torch.nn.Module, hidden: Tensor, **kwargs: Any) -> Tensor:
+    """``layer`` on every token of ``hidden [B, N, D]`` -> ``[B, N, D]``."""
+    return layer(hidden, **kwargs)
+
+
+def _last_token_layer(
+    layer: torch.nn.Module, hidden: Tensor, *, window_idx: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> Tensor:
+    """The last decoder layer, computed only as far as anything reads it: ``[B, N, D]`` -> ``[B, 1, D]``.
+
+    The cache needs the layer's K/V for all ``N`` tokens and the scorer the window's queries, but
+    the next-token logits read only the last token's output: queries, attention, output
+    projection and MLP run on the window and the last token, not on all ``N``. Follows the
+    pre-norm LLaMA block of transformers (``input_layernorm``, ``self_attn`` with
+    ``q/k/v/o_proj``, ``post_attention_layernorm``, ``mlp``); a layer built otherwise runs whole.
+    """
+    attn = getattr(layer, "self_attn", None)
+    llama_block = all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp")) and all(
+        hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")
+    )
+    if not llama_block:
+        return layer(hidden, attention_mask=attention_mask, **kwargs)[:, -1:]
+    b, n, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    # Ascending (the window indices are, and n - 1 is the largest); n - 1 may appear twice, harmlessly.
+    window_idx = window_idx.to(hidden.device)
+    rows = torch.cat([window_idx, torch.full((1,), n - 1, dtype=window_idx.dtype, device=hidden.device)])
+    cos, sin = kwargs["position_embeddings"]
+    q = _rotate(attn.q_proj(x[:, rows]).view(b, rows.numel(), -1, attn.head_dim).transpose(1, 2), cos[:, rows], sin[:, rows])
+    k = _rotate(attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    # The selected rows keep their causal view of the stream (and a padded batch its mask).
+    if attention_mask is None:
+        mask = (torch.arange(n, device=hidden.device)[None, :] <= rows[:, None])[None, None]
+    else:
+        mask = attention_mask[:, :, rows]
+    # Through the registered attention function, so the prefill capture sees this layer too; the
+    # window's queries are where the window lies among the selected rows.
+    out, _ = kvcomp_attention_forward(
+        attn, q, k, v, mask, scaling=getattr(attn, "scaling", None), window_rows=torch.searchsorted(rows, window_idx)
+    )
+    h = hidden[:, -1:] + attn.o_proj(out[:, -1:].reshape(b, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE: ``x [B, h, n, d]`` with ``cos/sin [B, n, d]`` (the inverse of :func:`_unrotate`)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 def _prefill_mask(positions: Tensor) -> Tensor:

@@ -49,6 +49,44 @@ def test_identity_compressor_reproduces_the_stock_model(model_pair):
 
 
 @torch.no_grad()
+def test_the_last_layer_runs_its_mlp_on_the_last_token_only_and_keeps_the_logits(model_pair):
+    ours, stock = model_pair
+    ours.compressor = RealTimePrefillCompressor(window_size=8)
+    seen: list[int] = []
+    hook = ours.model.layers[-1].mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        ids = _ids(120)
+        got = ours(input_ids=ids, use_cache=True).logits[:, -1]
+        ref = stock(input_ids=ids).logits[:, -1]
+        assert seen == [1]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    finally:
+        hook.remove()
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_the_trimmed_last_layer_stores_and_scores_what_the_whole_layer_would(model_pair, monkeypatch):
+    import kvcore.model as model_module
+
+    ours, _ = model_pair
+    ours.set_compression(_config("default", **{"quantizer.residual_length": 16}))
+    try:
+        ids, window = _ids(300), torch.arange(280, 292)  # a question inside the prompt, a tail after it
+        trimmed = ours(input_ids=ids, cache=ours.new_cache(window), use_cache=True)
+        whole = lambda layer, hidden, window_idx, **kw: model_module._whole_layer(layer, hidden, **kw)[:, -1:]
+        monkeypatch.setattr(model_module, "_last_token_layer", whole)
+        ref = ours(input_ids=ids, cache=ours.new_cache(window), use_cache=True)
+        torch.testing.assert_close(trimmed.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        got, want = trimmed.cache.layer(-1).compressed, ref.cache.layer(-1).compressed
+        assert [t.bits for t in got.tiers] == [t.bits for t in want.tiers]
+        for a, b in zip(got.tiers, want.tiers):
+            assert torch.equal(a.positions, b.positions), "the window queries must pick the same tokens"
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
 def test_lossless8_logits_match_uncompressed(model_pair):
     ours, stock = model_pair
     ours.set_compression(_config("lossless8", **{"quantizer.residual_length": 16}))
