@@ -159,12 +159,12 @@ def test_ablate_runs_every_variant_beside_full_and_the_base(tiny_model_dir, tmp_
 
 def test_run_is_one_config_against_full(tiny_model_dir, tmp_path):
     out = tmp_path / "main"
-    args = ["run", "--preset", "default", "--set", "quantizer.frac_8bit=0.2", "--set", "quantizer.frac_drop=0.3"]
+    args = ["run", "--preset", "default", "--set", "quantizer.frac_8bit=0.2", "--set", "quantizer.frac_drop=0.25"]
     assert main([*args, *suite_args(tiny_model_dir, out)]) == 0
     rows = read_results(out / "results.jsonl")
-    name = "default[quantizer.frac_8bit=0.2,quantizer.frac_drop=0.3]"
+    name = "default[quantizer.frac_8bit=0.2,quantizer.frac_drop=0.25]"
     assert [r["config"] for r in rows] == [REFERENCE, name]
-    expected = CompressionConfig.from_preset("default").with_overrides({"quantizer.frac_8bit": 0.2, "quantizer.frac_drop": 0.3})
+    expected = CompressionConfig.from_preset("default").with_overrides({"quantizer.frac_8bit": 0.2, "quantizer.frac_drop": 0.25})
     assert rows[1]["config_hash"] == config_hash(expected)
     assert (out / "summary.md").read_text().startswith("# kvcomp main experiment: passkey")
 

@@ -144,7 +144,7 @@ def test_model_args_swap_components_and_params() -> None:
             "preset": "default",
             "scorer": "snapkv",
             "scorer.name": "snapkv",
-            "quantizer.frac_drop": 0.3,
+            "quantizer.frac_drop": 0.45,
             "quantizer.frac_4bit": 0.45,
             "window_size": 16,
             "max_length": 128,
@@ -153,7 +153,7 @@ def test_model_args_swap_components_and_params() -> None:
     )
     assert config.scorer.name == "snapkv" and config.scorer.params == {}
     assert config.quantizer.name == "mixed_precision"
-    assert config.quantizer.params["frac_drop"] == 0.3 and config.quantizer.params["frac_4bit"] == 0.45
+    assert config.quantizer.params["frac_drop"] == 0.45 and config.quantizer.params["frac_4bit"] == 0.45
     assert config.quantizer.params["frac_8bit"] == 0.1  # untouched preset values stay
     assert config.window_size == 16
     assert args.max_length == 128 and args.truncate == "error"

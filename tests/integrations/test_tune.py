@@ -289,9 +289,11 @@ def test_search_space_points_are_valid_configs(params: dict[str, Any]) -> None:
 
 
 def test_group_size_that_does_not_divide_head_dim_is_refused() -> None:
-    overrides = {"quantizer.group_size": 64}
-    with pytest.raises(ValueError, match="group_size=64 does not divide the model's head_dim=32"):
-        build_trial_config(CompressionConfig.from_preset("default"), overrides, num_layers=4, head_dim=32)
+    overrides = {"quantizer.group_size": 32}
+    with pytest.raises(ValueError, match="group_size=32 does not divide the model's head_dim=48"):
+        build_trial_config(CompressionConfig.from_preset("default"), overrides, num_layers=4, head_dim=48)
+    # A group of a whole head or more is one group per head (values) and is accepted.
+    build_trial_config(CompressionConfig.from_preset("default"), {"quantizer.group_size": 64}, num_layers=4, head_dim=32)
     assert SearchSpace(num_layers=2, head_dim=32).propagation_layers is None
 
 

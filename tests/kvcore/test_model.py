@@ -268,9 +268,22 @@ def test_a_schedule_naming_a_missing_layer_is_refused_before_any_work(model_pair
 
 def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_any_work(model_pair):
     ours, _ = model_pair  # head_dim 32
-    with pytest.raises(ValueError, match="64"):
-        ours.set_compression(_config("default", **{"quantizer.group_size": 64}))
+    with pytest.raises(ValueError, match="24"):
+        ours.set_compression(_config("default", **{"quantizer.group_size": 24}))
     assert ours.compressor is None
+
+
+@torch.no_grad()
+def test_a_group_larger_than_the_head_is_read_as_the_head(model_pair):
+    ours, _ = model_pair  # head_dim 32
+    ours.set_compression(_config("default", **{"quantizer.group_size": 64, "quantizer.residual_length": 16}))
+    try:
+        tier = ours(input_ids=_ids(300), use_cache=True).cache.layer(0).compressed.tiers[0]
+        assert (tier.keys.axis, tier.keys.group_size) == ("channel", 32)
+        assert (tier.values.axis, tier.values.group_size) == ("token", 32)
+        assert tier.values.scale.shape[-1] == 1, "one (scale, zero) per token and head"
+    finally:
+        ours.set_compression(CompressionConfig())
 
 
 @torch.no_grad()

@@ -323,7 +323,7 @@ def test_avg_bits_rule(avg_bits: float, expected: tuple[tuple[int, float], ...])
 
 
 def test_default_and_partial_fractions() -> None:
-    assert MixedPrecisionConfig().tier_fractions() == ((8, 0.1), (4, 0.35), (2, 0.15))
+    assert MixedPrecisionConfig().tier_fractions() == ((8, 0.1), (4, 0.55), (2, 0.0))
     assert MixedPrecisionConfig(frac_4bit=1.0).tier_fractions() == ((8, 0.0), (4, 1.0), (2, 0.0))
 
 
@@ -371,7 +371,9 @@ def test_registry_builds_both_quantizers(registry: ComponentRegistry) -> None:
 def test_head_dim_incompatible_with_groups_or_packing(shape: tuple[int, ...], group_size: int, match: str) -> None:
     keys = torch.randn(shape)
     positions = torch.arange(shape[2])[None]
-    quantizer = MixedPrecisionQuantizer(group_size=group_size, residual_length=4)
+    # A 2-bit tier, so that packing's divisibility rule is in play.
+    fractions = {"frac_8bit": 0.1, "frac_4bit": 0.35, "frac_2bit": 0.15, "frac_drop": 0.4}
+    quantizer = MixedPrecisionQuantizer(group_size=group_size, residual_length=4, **fractions)
     with pytest.raises(ValueError, match=match):
         quantizer.compress(keys, keys, positions, None, positions < 1)
 

@@ -131,7 +131,8 @@ def build_trial_config(
     config = base.with_overrides(overrides).resolved()
     quant = config.quantizer
     group = quant.params.get("group_size")
-    if quant.name != "none" and isinstance(group, int) and head_dim % group:
+    # A group larger than the head is read as the head (TieredQuantizerConfig.group_for): only a smaller one must divide it.
+    if quant.name != "none" and isinstance(group, int) and head_dim % min(group, head_dim):
         raise ValueError(f"quantizer.group_size={group} does not divide the model's head_dim={head_dim}")
     schedule = config.propagator.params.get("keep_ratio_by_layer") or {}
     too_deep = [int(layer) for layer in schedule if int(layer) >= num_layers]

@@ -24,8 +24,9 @@ from kvcomp_plugins.quantizers.packing import validate_quant_args
 from kvcomp_plugins.quantizers.rows import compress_rows, rows_differ
 from kvcomp_plugins.quantizers.tiers import gather_parts, split_tokens
 
-DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.35, "frac_2bit": 0.15, "frac_drop": 0.4}
-"""Used when neither fractions nor ``avg_bits`` are given (the ``default`` preset's split)."""
+DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.55, "frac_2bit": 0.0, "frac_drop": 0.35}
+"""Used when neither fractions nor ``avg_bits`` are given (the ``default`` preset's split, which
+also sets ``group_size: 64`` and ``residual_length: 32``)."""
 
 
 
@@ -46,7 +47,12 @@ class TieredQuantizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    group_size: int = Field(32, ge=1, le=1024, description="G: channels per group (values), tokens per group (channel keys).")
+    group_size: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="G: tokens per group (channel keys), channels per group (values); read as head_dim when larger.",
+    )
     key_mode: Literal["channel", "token"] = Field("channel", description="How keys are grouped.")
     residual_length: int = Field(128, ge=0, le=MAX_TOKEN_COUNT, description="R: most recent tokens kept in full precision.")
     flush_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT, description="Tokens per decode flush; None means group_size.")
@@ -59,6 +65,16 @@ class TieredQuantizerConfig(BaseModel):
     def tier_fractions(self) -> tuple[tuple[int, float], ...]:
         """``(bits, fraction of candidates)`` per tier, highest precision first."""
         raise NotImplementedError
+
+    def group_for(self, head_dim: int) -> int:
+        """The group size used on a model with ``head_dim`` channels per head: ``min(G, head_dim)``.
+
+        A per-token value group never spans two heads, so a larger ``G`` means one group per
+        head; keys use the same size (tokens per group), since the decode kernels read one group
+        size for a tier's keys and values. One preset thus serves 32-, 64- and 128-channel heads;
+        a smaller ``G`` that does not divide ``head_dim`` is refused when the model is checked.
+        """
+        return min(self.group_size, head_dim)
 
 
 class MixedPrecisionConfig(TieredQuantizerConfig):
@@ -202,7 +218,8 @@ class MixedPrecisionQuantizer:
         cfg = self.config
         requests = []
         for keys, values, _, bits in parts:
-            requests += [(keys, bits, cfg.group_size, cfg.key_mode), (values, bits, cfg.group_size, "token")]
+            group = cfg.group_for(keys.shape[-1])
+            requests += [(keys, bits, group, cfg.key_mode), (values, bits, group, "token")]
         packed = backends.quantize_pack_many(requests, cfg.backend)
         return [
             KVTier(bits=bits, positions=positions, keys=packed[2 * i], values=packed[2 * i + 1])
@@ -215,9 +232,10 @@ class MixedPrecisionQuantizer:
         self._check_head_dim((1, 1, 1, head_dim), [*bits_used, self.config.flush_bits])
 
     def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
+        group = self.config.group_for(shape[-1])
         for bits in bits_used:
-            validate_quant_args(shape, bits, self.config.group_size, self.config.key_mode)
-            validate_quant_args(shape, bits, self.config.group_size, "token")
+            validate_quant_args(shape, bits, group, self.config.key_mode)
+            validate_quant_args(shape, bits, group, "token")
 
     def _check_layer(
         self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, protected: Tensor
