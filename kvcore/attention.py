@@ -70,6 +70,7 @@ def kvcomp_attention_forward(
     attention_mask: Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    window_rows: Tensor | None = None,
     **kwargs: object,
 ) -> tuple[Tensor, None]:
     """Attention for ``query [B, H, q, d]`` over ``key/value [B, H_kv, n, d]``; returns ``[B, q, H, d]``.
@@ -77,7 +78,6 @@ def kvcomp_attention_forward(
     ``window_rows`` (int ``[W]``, only from the prefill loop): where the window's queries lie in
     ``query`` when it holds only some rows of the stream; by default they lie at the window indices.
     """
-    window_rows = kwargs.pop("window_rows", None)
     capture = _CAPTURE.get()
     if capture is not None:
         capture.queries = query[:, :, capture.window_idx if window_rows is None else window_rows]

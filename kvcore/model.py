@@ -304,10 +304,9 @@ def _last_token_layer(
     else:
         mask = attention_mask[:, :, rows]
     # Through the registered attention function, so the prefill capture sees this layer too; the
-    # window's queries are where the window lies among the selected rows.
-    out, _ = kvcomp_attention_forward(
-        attn, q, k, v, mask, scaling=getattr(attn, "scaling", None), window_rows=torch.searchsorted(rows, window_idx)
-    )
+    # window's queries are the first W selected rows.
+    window_rows = torch.arange(window_idx.numel(), device=hidden.device)
+    out, _ = kvcomp_attention_forward(attn, q, k, v, mask, scaling=getattr(attn, "scaling", None), window_rows=window_rows)
     h = hidden[:, -1:] + attn.o_proj(out[:, -1:].reshape(b, 1, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -332,6 +331,5 @@ def _prefill_mask(positions: Tensor) -> Tensor:
 
 def _unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Undo RoPE: ``x [B, h, n, d]`` post-rotation, ``cos/sin [B, n, d]`` -> pre-rotation (up to the
-    rope's attention scaling, which cosine-based scores ignore)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos - rotate_half(x) * sin
+    rope's attention scaling, which cosine-based scores ignore): the rotation by the opposite angle."""
+    return _rotate(x, cos, -sin)
