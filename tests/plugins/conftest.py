@@ -12,7 +12,8 @@ from kvcomp_plugins.quantizers import MixedPrecisionQuantizer
 
 def _assert_backends_store_the_same_bytes(backend: str, device: str = "cpu") -> None:
     """A padded two-row layer compressed by ``backend`` and by the torch reference: every tier's
-    packed codes, scales, zeros and positions are equal, and so are the bytes counted."""
+    packed codes, scales, zeros and positions are equal, and so are the residual, the dropped
+    count and the bytes counted."""
     gen = torch.Generator().manual_seed(3)
     keys, values = torch.randn(2, 2, 2, 40, 32, generator=gen).to(torch.float16).to(device)
     positions = torch.arange(40, device=keys.device).repeat(2, 1)
@@ -29,7 +30,11 @@ def _assert_backends_store_the_same_bytes(backend: str, device: str = "cpu") -> 
         for a, b in ((ref.keys, got.keys), (ref.values, got.values)):
             assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
         assert torch.equal(ref.positions, got.positions)
-    assert layers[0].kv_bytes == layers[1].kv_bytes
+    ref, got = layers
+    assert torch.equal(ref.residual_keys, got.residual_keys) and torch.equal(ref.residual_values, got.residual_values)
+    assert torch.equal(ref.residual_positions, got.residual_positions)
+    assert ref.dropped_tokens == got.dropped_tokens
+    assert ref.kv_bytes == got.kv_bytes
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcomp_plugins.quantizers import backends, native, packing
+from kvcomp_plugins.quantizers import tiers as tiers_module
 
 if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
     pytest.skip("no C compiler on this machine: the CPU kernels cannot be built", allow_module_level=True)
@@ -109,3 +110,92 @@ def test_a_build_is_kept_and_reused(tmp_path) -> None:
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert first.stdout == second.stdout and first.stdout.strip().startswith(str(tmp_path))
     assert len(list(tmp_path.glob("native_attend-*.so"))) == 1
+
+
+def _splits_agree(positions, scores, protected, heads, residual_length, tiers) -> None:
+    ref = tiers_module.split_tokens(positions, scores, protected, heads, residual_length, tiers)
+    got = native.split_tokens(positions, scores, protected, heads, residual_length, tiers)
+    assert torch.equal(got.residual_idx, ref.residual_idx)
+    assert got.tier_bits == ref.tier_bits and got.dropped_per_head == ref.dropped_per_head
+    for a, b in zip(got.tier_idx, ref.tier_idx):
+        assert torch.equal(a, b)
+    for a, b in zip(got.tier_positions, ref.tier_positions):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 80),
+    heads=st.integers(1, 3),
+    rows=st.integers(1, 2),
+    residual_length=st.integers(0, 12),
+    fractions=st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5]), min_size=3, max_size=3),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_c_token_split_is_the_torch_split(n, heads, rows, residual_length, fractions, ties, seed) -> None:
+    # Ties (a few distinct values), NaN and padding scores, left padding and protected slots: the
+    # ranking rules (real first, score descending, later slot first) must give the same tiers.
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, heads, n, generator=gen)
+    if ties:
+        scores = (scores * 3).floor() / 3
+    scores[..., :: 7] = float("nan")
+    pad = int(torch.randint(0, max(1, n // 4), (1,), generator=gen))
+    positions = (torch.arange(n) - pad).repeat(rows, 1)
+    positions[positions < 0] = -1
+    protected = (torch.rand(n, generator=gen) < 0.1).repeat(rows, 1) & (positions >= 0)
+    tiers = [(8, fractions[0]), (4, fractions[1]), (2, fractions[2])]
+    _splits_agree(positions, scores, protected, heads, residual_length, tiers)
+    _splits_agree(positions, None, protected, heads, residual_length, tiers)
+
+
+def test_the_c_token_split_refuses_rows_that_differ() -> None:
+    positions = torch.arange(10).repeat(2, 1)
+    positions[1] = torch.arange(10).flip(0)
+    with pytest.raises(ValueError, match="share positions"):
+        native.split_tokens(positions, None, torch.zeros(2, 10, dtype=torch.bool), 1, 2, [(8, 0.5)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiers_quantised_through_indices_match_the_gathered_reference(dtype: torch.dtype) -> None:
+    # K/V as the attention leaves them: [B, N, H_kv, d] in memory, read through [B, H_kv, k] slots.
+    gen = torch.Generator().manual_seed(11)
+    keys = (torch.randn(2, 50, 3, 64, generator=gen) * 4).to(dtype).transpose(1, 2)
+    values = torch.randn(2, 50, 3, 64, generator=gen).to(dtype).transpose(1, 2)
+    idx = [torch.randint(0, 50, (2, 3, k), generator=gen).sort(dim=-1).values for k in (7, 33, 0)]
+    got = native.quantize_tiers(keys, values, idx, [8, 4, 2], 16, "channel")
+    for (k, v), slots, bits in zip(got, idx, [8, 4, 2]):
+        expand = slots.unsqueeze(-1).expand(-1, -1, -1, 64)
+        ref_k, ref_v = packing.quantize_pack_many(
+            [(keys.gather(2, expand), bits, 16, "channel"), (values.gather(2, expand), bits, 16, "token")]
+        )
+        for a, b in ((k, ref_k), (v, ref_v)):
+            assert torch.equal(a.packed, b.packed) and a.shape == b.shape
+            assert torch.equal(a.scale.view(torch.int16), b.scale.view(torch.int16))
+            assert torch.equal(a.zero.view(torch.int16), b.zero.view(torch.int16))
+
+
+def test_a_prefill_layer_is_split_and_packed_in_c_with_the_torch_bytes(monkeypatch) -> None:
+    from kvcomp_plugins.quantizers import MixedPrecisionQuantizer
+
+    calls = []
+    split = native.split_tokens
+    monkeypatch.setattr(native, "split_tokens", lambda *a, **k: calls.append(1) or split(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(2, 1, 90, 2, 64, generator=gen).transpose(2, 3)
+    positions = torch.arange(90).repeat(1, 1)
+    protected = positions < 4
+    scores = torch.rand(1, 2, 90, generator=gen)
+    layers = [
+        MixedPrecisionQuantizer(backend=name, group_size=64, residual_length=8).compress(keys, values, positions, scores, protected)
+        for name in ("torch", "auto")
+    ]
+    assert calls == [1], "on a CPU, backend 'auto' split the layer in C"
+    ref, got = layers
+    assert [t.bits for t in ref.tiers] == [t.bits for t in got.tiers]
+    for a, b in zip(ref.tiers, got.tiers):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys.packed, b.keys.packed) and torch.equal(a.values.packed, b.values.packed)
+    assert torch.equal(ref.residual_keys, got.residual_keys) and torch.equal(ref.residual_positions, got.residual_positions)
+    assert ref.dropped_tokens == got.dropped_tokens and ref.kv_bytes == got.kv_bytes

@@ -19,7 +19,7 @@ from torch import Tensor
 from kvcore.config import MAX_TOKEN_COUNT
 from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
-from kvcomp_plugins.quantizers import attend, backends
+from kvcomp_plugins.quantizers import attend, backends, native
 from kvcomp_plugins.quantizers.packing import validate_quant_args
 from kvcomp_plugins.quantizers.rows import compress_rows, rows_differ
 from kvcomp_plugins.quantizers.tiers import gather_parts, split_tokens
@@ -162,25 +162,41 @@ class MixedPrecisionQuantizer:
         self._check_layer(keys, values, positions, scores, protected)
         if rows_differ(positions, protected):
             return compress_rows(self.compress, keys, values, positions, scores, protected)
-        split = split_tokens(positions, scores, protected, keys.shape[1], self.residual_length, self.tier_fractions)
         b, h = keys.shape[:2]
-        idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
-        k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
-        tiers = self._quantize_tiers(
-            [
-                (k, v, _positions_of(positions, i), bits)
-                for k, v, i, bits in zip(k_parts[1:], v_parts[1:], idx[1:], split.tier_bits)
+        if self._splits_in_c(keys, positions):
+            split = native.split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
+            residual = split.residual_idx[0]
+            residual_keys, residual_values = keys.index_select(2, residual), values.index_select(2, residual)
+            group = self.config.group_for(keys.shape[-1])
+            packed = native.quantize_tiers(keys, values, split.tier_idx, split.tier_bits, group, self.config.key_mode)
+            tiers = [
+                KVTier(bits=bits, positions=pos, keys=k, values=v)
+                for bits, pos, (k, v) in zip(split.tier_bits, split.tier_positions, packed)
             ]
-        )
+        else:
+            split = split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
+            idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
+            k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
+            residual_keys, residual_values = k_parts[0], v_parts[0]
+            tiers = self._quantize_tiers(
+                [(k, v, pos, bits) for k, v, pos, bits in zip(k_parts[1:], v_parts[1:], split.tier_positions, split.tier_bits)]
+            )
         return CompressedLayer(
             tiers=tiers,
             # copy=True: in the storage dtype already, the part would be a view keeping every
             # gathered full-precision token alive (bytes held but not counted).
-            residual_keys=k_parts[0].to(self.residual_dtype, copy=True),
-            residual_values=v_parts[0].to(self.residual_dtype, copy=True),
-            residual_positions=_positions_of(positions, idx[0]),
+            residual_keys=residual_keys.to(self.residual_dtype, copy=True),
+            residual_values=residual_values.to(self.residual_dtype, copy=True),
+            residual_positions=_positions_of(positions, split.residual_idx.unsqueeze(1).expand(b, h, -1)),
             dropped_tokens=split.dropped_per_head,
         )
+
+    def _splits_in_c(self, keys: Tensor, positions: Tensor) -> bool:
+        """Whether the C kernels split and pack this layer: the backend quantises in C here, and
+        the batch rows share their positions (one prompt, or equal ones), as the C split needs."""
+        if backends.select_backend(self.config.backend, keys.device) is not native:
+            return False
+        return positions.shape[0] == 1 or torch.equal(positions, positions[:1].expand_as(positions))
 
     def quantize_block(self, keys: Tensor, values: Tensor, positions: Tensor) -> KVTier:
         """Quantise ``[B, H_kv, n, d]`` decode-overflow tokens at ``flush_bits``.

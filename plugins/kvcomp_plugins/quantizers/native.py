@@ -38,6 +38,7 @@ from kvcore.types import KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import packing
 from kvcomp_plugins.quantizers.attend import Scratch
 from kvcomp_plugins.quantizers.packing import Axis, QuantRequest, validate_quant_args
+from kvcomp_plugins.quantizers.tiers import TokenSplit, tier_counts
 
 SOURCE = Path(__file__).with_name("native_attend.c")
 MAX_HEAD_DIM = 512
@@ -60,7 +61,9 @@ class _Tier(ctypes.Structure):
 
 class _QuantRequest(ctypes.Structure):
     _fields_ = [
-        ("x", ctypes.c_void_p), ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+        ("x", ctypes.c_void_p), ("idx", ctypes.c_void_p),
+        ("heads", ctypes.c_int64), ("stride_b", ctypes.c_int64), ("stride_h", ctypes.c_int64), ("stride_n", ctypes.c_int64),
+        ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
         ("bh_count", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int32), ("token_axis", ctypes.c_int32),
     ]
 
@@ -138,6 +141,11 @@ def library() -> ctypes.CDLL | None:
     ]
     lib.kvc_quantize_many.restype = ctypes.c_int
     lib.kvc_quantize_many.argtypes = [ctypes.POINTER(_QuantRequest), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+    lib.kvc_split.restype = ctypes.c_int
+    lib.kvc_split.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int32,
+    ]
     return lib
 
 
@@ -160,17 +168,50 @@ def quantize_pack(x: Tensor, bits: int, group_size: int, axis: Axis) -> Quantize
 def quantize_pack_many(requests: list[QuantRequest]) -> list[QuantizedTensor]:
     """:func:`.packing.quantize_pack_many` in C: one call for requests sharing head dim and group
     size (a layer's tiers, keys and values), CPU tensors only."""
+    for x, bits, group_size, axis in requests:
+        validate_quant_args(tuple(x.shape), bits, group_size, axis)
+    return _quantize([(x, None, bits, group_size, axis) for x, bits, group_size, axis in requests])
+
+
+def quantize_tiers(
+    keys: Tensor, values: Tensor, tier_idx: Sequence[Tensor], tier_bits: Sequence[int], group_size: int, key_axis: Axis
+) -> list[tuple[QuantizedTensor, QuantizedTensor]]:
+    """``(keys, values)`` of each tier of a prefill layer, quantised straight from the layer's K/V.
+
+    Tier ``i`` holds the slots ``tier_idx[i]`` (int64 ``[B, H_kv, k_i]``) of ``keys``/``values``
+    ``[B, H_kv, N, d]`` at ``tier_bits[i]``; the bytes are those of :func:`quantize_pack_many` on
+    the gathered tokens, but the kernel reads the rows through the indices, in whatever layout
+    the attention left them (``[B, N, H_kv, d]`` in memory), so no gathered copy is made.
+    """
+    work: list[tuple[Tensor, Tensor | None, int, int, Axis]] = []
+    for idx, bits in zip(tier_idx, tier_bits):
+        work += [(keys, idx, bits, group_size, key_axis), (values, idx, bits, group_size, "token")]
+    for x, idx, bits, group, axis in work:
+        validate_quant_args((*idx.shape, x.shape[-1]), bits, group, axis)
+    out = _quantize(work)
+    return list(zip(out[0::2], out[1::2]))
+
+
+def _float_rows(x: Tensor) -> Tensor:
+    """``x`` as float32 with contiguous channels (no copy where it already is; a cast keeps the layout)."""
+    x = x.to(torch.float32)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _quantize(work: Sequence[tuple[Tensor, Tensor | None, int, int, Axis]]) -> list[QuantizedTensor]:
+    """Quantise ``(x [B, H_kv, N, d], idx [B, H_kv, n] or None, bits, group_size, axis)`` items:
+    the ``n`` rows ``idx`` names (all ``N`` rows without one) of each ``(batch row, KV head)``."""
     lib = library()
     if lib is None or not lib.kvc_quantize_available():
         raise RuntimeError("the CPU kernel's quantiser is not available here; use backend 'torch' or 'auto'")
     out: list[QuantizedTensor] = []
-    calls: dict[tuple[int, int], list[tuple[Tensor, QuantizedTensor]]] = {}  # (d, G) -> work
-    for x, bits, group_size, axis in requests:
-        validate_quant_args(tuple(x.shape), bits, group_size, axis)
+    calls: dict[tuple[int, int], list[tuple[Tensor, Tensor | None, QuantizedTensor]]] = {}  # (d, G) -> work
+    for x, idx, bits, group_size, axis in work:
         if x.device.type != "cpu" or x.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"the CPU kernel quantises CPU tensors with head_dim <= {MAX_HEAD_DIM}, "
                              f"got one on {x.device} with head_dim {x.shape[-1]}")
-        b, h, n, d = x.shape
+        b, h, _, d = x.shape
+        n = x.shape[2] if idx is None else idx.shape[-1]
         stat_shape = (b, h, n, d // group_size) if axis == "token" else (b, h, -(-n // group_size), d)
         q = QuantizedTensor(
             packed=torch.empty(b, h, n, d * bits // 8, dtype=torch.uint8),
@@ -180,16 +221,66 @@ def quantize_pack_many(requests: list[QuantRequest]) -> list[QuantizedTensor]:
         )
         out.append(q)
         if n:
-            calls.setdefault((d, group_size), []).append((x.to(torch.float32).contiguous(), q))
-    for (d, group_size), work in calls.items():
-        structs = (_QuantRequest * len(work))(*(
-            _QuantRequest(x.data_ptr(), q.packed.data_ptr(), q.scale.data_ptr(), q.zero.data_ptr(),
+            index = None if idx is None else idx.to(torch.int64).contiguous()
+            calls.setdefault((d, group_size), []).append((_float_rows(x), index, q))
+    for (d, group_size), items in calls.items():
+        structs = (_QuantRequest * len(items))(*(
+            _QuantRequest(x.data_ptr(), idx.data_ptr() if idx is not None else None, x.shape[1],
+                          x.stride(0), x.stride(1), x.stride(2),
+                          q.packed.data_ptr(), q.scale.data_ptr(), q.zero.data_ptr(),
                           q.shape[0] * q.shape[1], q.shape[2], q.bits, int(q.axis == "token"))
-            for x, q in work
+            for x, idx, q in items
         ))
-        if lib.kvc_quantize_many(structs, len(work), d, group_size, torch.get_num_threads()) != 0:
+        if lib.kvc_quantize_many(structs, len(items), d, group_size, torch.get_num_threads()) != 0:
             raise ValueError(f"the CPU kernel refused group_size={group_size}, head_dim={d}")
     return out
+
+
+def split_tokens(
+    positions: Tensor,
+    scores: Tensor | None,
+    protected: Tensor,
+    n_kv_heads: int,
+    residual_length: int,
+    tiers: Sequence[tuple[int, float]],
+) -> TokenSplit:
+    """:func:`.tiers.split_tokens` in C (the same split), for batch rows that share their positions
+    and protected slots (one prompt, or a batch of equal ones): one sort per (batch row, KV head)
+    in one call instead of ~60 small torch ops. Raises ``ValueError`` for rows that differ."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available here; use backend 'torch' or 'auto'")
+    b, n = positions.shape
+    if b > 1 and not (torch.equal(positions, positions[:1].expand(b, n)) and torch.equal(protected, protected[:1].expand(b, n))):
+        raise ValueError("the C token split serves batch rows that share positions and protected slots")
+    residual = protected[0] | (torch.arange(n) >= n - residual_length)
+    residual_idx = residual.nonzero().flatten()
+    n_c = n - residual_idx.numel()
+    counts = tier_counts(n_c, [frac for _, frac in tiers])
+    kept = [(bits, count) for (bits, _), count in zip(tiers, counts) if count]
+    idx = [torch.empty(b, n_kv_heads, count, dtype=torch.int64) for _, count in kept]
+    pos = [torch.empty(b, n_kv_heads, count, dtype=torch.int32) for _, count in kept]
+    row_positions = positions[0].to(torch.int64).contiguous()
+    flags = residual.to(torch.uint8)
+    score_rows = None if scores is None else scores.to(torch.float32).contiguous()
+    scratch = torch.empty(b * n_kv_heads, n, dtype=torch.int64)  # uint64 sort keys
+    tier_sizes = torch.tensor([c for _, c in kept], dtype=torch.int64)
+    status = lib.kvc_split(
+        score_rows.data_ptr() if score_rows is not None else None, row_positions.data_ptr(), flags.data_ptr(),
+        b * n_kv_heads, n, len(kept), tier_sizes.data_ptr(),
+        (ctypes.c_void_p * max(len(kept), 1))(*(t.data_ptr() for t in idx)),
+        (ctypes.c_void_p * max(len(kept), 1))(*(t.data_ptr() for t in pos)),
+        scratch.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"the C token split refused a layer of {n} tokens with tiers {counts}")
+    return TokenSplit(
+        residual_idx=residual_idx.unsqueeze(0).expand(b, -1),
+        tier_bits=[bits for bits, _ in kept],
+        tier_idx=idx,
+        dropped_per_head=n_c - sum(counts),
+        tier_positions=pos,
+    )
 
 
 unpack_dequantize = packing.unpack_dequantize  # dense copies (tests, the fallback path) stay in torch

@@ -22,6 +22,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KVC_MAX_D 512
@@ -329,79 +330,106 @@ static inline void group_stats(float mn, float mx, float qmax, uint16_t *scale, 
     *scale = round_up_f16(step);
 }
 
-static inline uint8_t code_of(float x, float zero, float scale, float qmax) {
-    float t = (x - zero) / (scale > 0.0f ? scale : 1.0f);
-    t = floorf(t + 0.5f);
-    t = t < 0.0f ? 0.0f : (t > qmax ? qmax : t);
-    return (uint8_t)t;
-}
-
-static void pack_row(const uint8_t *codes, int bits, int64_t d, uint8_t *out) {
+static void pack_row(const int32_t *restrict codes, int bits, int64_t d, uint8_t *restrict out) {
     int per = 8 / bits;
     for (int64_t j = 0; j < d / per; j++) {
-        uint8_t byte = 0;
-        for (int k = 0; k < per; k++) byte |= (uint8_t)(codes[j * per + k] << (k * bits));
-        out[j] = byte;
+        int32_t byte = 0;
+        for (int k = 0; k < per; k++) byte |= codes[j * per + k] << (k * bits);
+        out[j] = (uint8_t)byte;
     }
 }
 
-static void quantize_one(int64_t bh, const float *x_all, int64_t n, int64_t d, int bits, int64_t g, int token_axis,
-                         uint8_t *packed_all, uint16_t *scale_all, uint16_t *zero_all) {
-    float qmax = (float)((1 << bits) - 1);
-    int64_t packed_d = d * bits / 8;
-    const float *x = x_all + bh * n * d;
-    uint8_t *packed = packed_all + bh * n * packed_d;
-    uint8_t codes[KVC_MAX_D];
-    if (token_axis) {
-        int64_t groups = d / g;
-        uint16_t *scale = scale_all + bh * n * groups, *zero = zero_all + bh * n * groups;
-        for (int64_t t = 0; t < n; t++) {
-            const float *row = x + t * d;
-            for (int64_t j = 0; j < groups; j++) {
-                float mn = row[j * g], mx = row[j * g];
-                for (int64_t c = j * g; c < (j + 1) * g; c++) {
-                    mn = row[c] < mn ? row[c] : mn;
-                    mx = row[c] > mx ? row[c] : mx;
-                }
-                group_stats(mn, mx, qmax, &scale[t * groups + j], &zero[t * groups + j]);
-                float s = half_to_float(scale[t * groups + j]), z = half_to_float(zero[t * groups + j]);
-                for (int64_t c = j * g; c < (j + 1) * g; c++) codes[c] = code_of(row[c], z, s, qmax);
-            }
-            pack_row(codes, bits, d, packed + t * packed_d);
-        }
-        return;
-    }
-    int64_t token_groups = (n + g - 1) / g;
-    uint16_t *scale = scale_all + bh * token_groups * d, *zero = zero_all + bh * token_groups * d;
-    float s[KVC_MAX_D], z[KVC_MAX_D], mn[KVC_MAX_D], mx[KVC_MAX_D];
-    for (int64_t tg = 0; tg < token_groups; tg++) {
-        int64_t first = tg * g, last = first + g < n ? first + g : n;
-        for (int64_t c = 0; c < d; c++) mn[c] = mx[c] = x[first * d + c];
-        for (int64_t t = first + 1; t < last; t++)
-            for (int64_t c = 0; c < d; c++) {
-                float v = x[t * d + c];
-                mn[c] = v < mn[c] ? v : mn[c];
-                mx[c] = v > mx[c] ? v : mx[c];
-            }
-        for (int64_t c = 0; c < d; c++) {
-            group_stats(mn[c], mx[c], qmax, &scale[tg * d + c], &zero[tg * d + c]);
-            s[c] = half_to_float(scale[tg * d + c]);
-            z[c] = half_to_float(zero[tg * d + c]);
-        }
-        for (int64_t t = first; t < last; t++) {
-            for (int64_t c = 0; c < d; c++) codes[c] = code_of(x[t * d + c], z[c], s[c], qmax);
-            pack_row(codes, bits, d, packed + t * packed_d);
-        }
-    }
-}
-
+/* Source rows of one quantisation request: row t of batch-head bh starts at
+ * x + b * stride_b + h * stride_h + slot * stride_n (b = bh / heads, h = bh % heads), where slot is
+ * idx[bh * n + t], or t when idx is NULL. Channels are contiguous. Reading through idx lets a
+ * prefill layer's tiers be quantised straight from the attention's K/V (laid out [B, N, H, D]),
+ * without a gathered float32 copy per tier. */
 typedef struct {
     const float *x;
+    const int64_t *idx;
+    int64_t heads, stride_b, stride_h, stride_n;
     uint8_t *packed;
     uint16_t *scale, *zero;
     int64_t bh_count, n;
     int32_t bits, token_axis;
 } kvc_quant_request;
+
+static inline const float *source_row(const kvc_quant_request *r, int64_t bh, int64_t t) {
+    int64_t slot = r->idx ? r->idx[bh * r->n + t] : t;
+    return r->x + (bh / r->heads) * r->stride_b + (bh % r->heads) * r->stride_h + slot * r->stride_n;
+}
+
+/* Codes of one token row given per-channel fp32 zero and divisor (the scale, 1 where it is 0).
+ * The clamped value is truncated instead of floored: x >= zero, so it is >= 0.5, where the two
+ * agree, and the loop vectorises (floorf keeps it scalar under -std=c11). Codes are int32 so that
+ * the vector width is set by the floats, not by a byte store. */
+static inline void code_row(const float *restrict row, const float *restrict z, const float *restrict div, float qmax,
+                            int64_t d, int32_t *restrict codes) {
+    for (int64_t c = 0; c < d; c++) {
+        float t = (row[c] - z[c]) / div[c] + 0.5f;
+        t = t < 0.0f ? 0.0f : (t > qmax ? qmax : t);
+        codes[c] = (int32_t)t;
+    }
+}
+
+static void quantize_one(const kvc_quant_request *r, int64_t bh, int64_t d, int64_t g) {
+    int bits = r->bits;
+    int64_t n = r->n;
+    float qmax = (float)((1 << bits) - 1);
+    int64_t packed_d = d * bits / 8;
+    uint8_t *packed = r->packed + bh * n * packed_d;
+    int32_t codes[KVC_MAX_D];
+    float z[KVC_MAX_D], div[KVC_MAX_D], mn[KVC_MAX_D], mx[KVC_MAX_D];
+    if (r->token_axis) {
+        int64_t groups = d / g;
+        uint16_t *scale = r->scale + bh * n * groups, *zero = r->zero + bh * n * groups;
+        for (int64_t t = 0; t < n; t++) {
+            const float *row = source_row(r, bh, t);
+            for (int64_t j = 0; j < groups; j++) {
+                float lo = row[j * g], hi = row[j * g];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+                for (int64_t c = j * g; c < (j + 1) * g; c++) {
+                    lo = row[c] < lo ? row[c] : lo;
+                    hi = row[c] > hi ? row[c] : hi;
+                }
+                group_stats(lo, hi, qmax, &scale[t * groups + j], &zero[t * groups + j]);
+                float s = half_to_float(scale[t * groups + j]), zj = half_to_float(zero[t * groups + j]);
+                for (int64_t c = j * g; c < (j + 1) * g; c++) {
+                    z[c] = zj;
+                    div[c] = s > 0.0f ? s : 1.0f;
+                }
+            }
+            code_row(row, z, div, qmax, d, codes);
+            pack_row(codes, bits, d, packed + t * packed_d);
+        }
+        return;
+    }
+    int64_t token_groups = (n + g - 1) / g;
+    uint16_t *scale = r->scale + bh * token_groups * d, *zero = r->zero + bh * token_groups * d;
+    for (int64_t tg = 0; tg < token_groups; tg++) {
+        int64_t first = tg * g, last = first + g < n ? first + g : n;
+        const float *row = source_row(r, bh, first);
+        for (int64_t c = 0; c < d; c++) mn[c] = mx[c] = row[c];
+        for (int64_t t = first + 1; t < last; t++) {
+            row = source_row(r, bh, t);
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++) {
+                mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+                mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+            }
+        }
+        for (int64_t c = 0; c < d; c++) {
+            group_stats(mn[c], mx[c], qmax, &scale[tg * d + c], &zero[tg * d + c]);
+            float s = half_to_float(scale[tg * d + c]);
+            z[c] = half_to_float(zero[tg * d + c]);
+            div[c] = s > 0.0f ? s : 1.0f;
+        }
+        for (int64_t t = first; t < last; t++) {
+            code_row(source_row(r, bh, t), z, div, qmax, d, codes);
+            pack_row(codes, bits, d, packed + t * packed_d);
+        }
+    }
+}
 
 static int quant_args_ok(int64_t d, int64_t g, int32_t bits, int32_t token_axis) {
     return d >= 1 && d <= KVC_MAX_D && g >= 1 && (bits == 2 || bits == 4 || bits == 8) && d % (8 / bits) == 0 &&
@@ -413,15 +441,14 @@ static int quant_args_ok(int64_t d, int64_t g, int32_t bits, int32_t token_axis)
 int kvc_quantize_many(const kvc_quant_request *reqs, int64_t n_reqs, int64_t d, int64_t g, int32_t threads) {
     int64_t items = 0;
     for (int64_t i = 0; i < n_reqs; i++) {
-        if (!quant_args_ok(d, g, reqs[i].bits, reqs[i].token_axis)) return -1;
+        if (!quant_args_ok(d, g, reqs[i].bits, reqs[i].token_axis) || reqs[i].heads < 1) return -1;
         items += reqs[i].bh_count;
     }
 #pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1 && items > 1)
     for (int64_t item = 0; item < items; item++) {
         int64_t i = 0, bh = item;
         while (bh >= reqs[i].bh_count) bh -= reqs[i++].bh_count;
-        const kvc_quant_request *r = &reqs[i];
-        quantize_one(bh, r->x, r->n, d, r->bits, g, r->token_axis, r->packed, r->scale, r->zero);
+        quantize_one(&reqs[i], bh, d, g);
     }
     return 0;
 }
@@ -432,3 +459,70 @@ int kvc_quantize_many(const void *reqs, int64_t n_reqs, int64_t d, int64_t g, in
 
 int kvc_quantize_available(void) { return 0; }
 #endif
+
+/* ---- Token split of a prefill layer (tiers.py's split_tokens, for rows that share positions) --
+ * Candidates (slots not in the residual) are ranked per (batch row, KV head): real before
+ * padding, then score descending (NaN as -inf), then the later slot first. That is a strict total
+ * order, so any sort gives tiers.py's ranking. Consecutive runs of the ranking form the tiers
+ * (counts[i] tokens each, highest precision first; the rest is dropped), and each tier is put in
+ * position order, padding last in ranking order.
+ *
+ *   scores    float32 [BH, N] or NULL (all equal)      positions int64 [N] (-1 = padding)
+ *   residual  uint8 [N] (1 = full-precision residual slot)
+ *   tier_idx  int64 [BH, counts[i]] slot indices, tier_pos int32 [BH, counts[i]] their positions
+ */
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Order-preserving map of a float32 to uint32 (NaN read as -inf, -0 as +0). */
+static inline uint32_t float_order(float v) {
+    if (v != v) v = -INFINITY;
+    if (v == 0.0f) v = 0.0f;
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+int kvc_split(const float *scores, const int64_t *positions, const uint8_t *residual, int64_t bh_count, int64_t n,
+              int64_t n_tiers, const int64_t *counts, int64_t *const *tier_idx, int32_t *const *tier_pos,
+              uint64_t *scratch, int32_t threads) {
+    if (n >= (INT64_C(1) << 31)) return -1;
+    int64_t n_c = 0, kept = 0;
+    for (int64_t t = 0; t < n; t++) n_c += !residual[t];
+    for (int64_t i = 0; i < n_tiers; i++) kept += counts[i];
+    if (kept > n_c) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
+    for (int64_t bh = 0; bh < bh_count; bh++) {
+        uint64_t *keys = scratch + bh * n; /* ranking keys, then one tier's position keys */
+        int64_t m = 0;
+        for (int64_t t = 0; t < n; t++) {
+            if (residual[t]) continue;
+            uint64_t pad = positions[t] < 0;
+            uint32_t s = scores ? ~float_order(scores[bh * n + t]) : 0u;
+            keys[m++] = (pad << 63) | ((uint64_t)s << 31) | (uint64_t)(0x7fffffff - t);
+        }
+        qsort(keys, (size_t)m, sizeof *keys, cmp_u64);
+        int64_t start = 0;
+        for (int64_t i = 0; i < n_tiers; i++) {
+            int64_t k = counts[i];
+            uint64_t *tier = keys + start; /* re-keyed in place: this run is not read again */
+            for (int64_t j = 0; j < k; j++) {
+                int64_t slot = 0x7fffffff - (int64_t)(tier[j] & 0x7fffffffu);
+                int64_t pos = positions[slot];
+                uint64_t order = pos < 0 ? ((UINT64_C(1) << 32) | (uint64_t)j) : (uint64_t)pos; /* < 2^33 */
+                tier[j] = (order << 31) | (uint64_t)slot;
+            }
+            qsort(tier, (size_t)k, sizeof *tier, cmp_u64);
+            for (int64_t j = 0; j < k; j++) {
+                int64_t slot = (int64_t)(tier[j] & 0x7fffffffu);
+                tier_idx[i][bh * k + j] = slot;
+                tier_pos[i][bh * k + j] = (int32_t)positions[slot];
+            }
+            start += k;
+        }
+    }
+    return 0;
+}
+

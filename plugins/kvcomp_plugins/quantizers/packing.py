@@ -120,7 +120,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         raise ValueError(f"last dim {codes.shape[-1]} must be divisible by {per_byte} for {bits}-bit packing")
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     packed = grouped[..., 0].clone()
     for k in range(1, per_byte):
         packed |= grouped[..., k] << (k * bits)

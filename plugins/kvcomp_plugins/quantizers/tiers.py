@@ -24,12 +24,14 @@ class TokenSplit:
         tier_bits: bit width of each non-empty tier, highest first.
         tier_idx: per tier, int64 ``[B, H_kv, k]`` sorted by original position (padding last).
         dropped_per_head: candidate slots dropped per (batch row, KV head).
+        tier_positions: per tier, int32 ``[B, H_kv, k]`` original positions of ``tier_idx``.
     """
 
     residual_idx: Tensor
     tier_bits: list[int]
     tier_idx: list[Tensor]
     dropped_per_head: int
+    tier_positions: list[Tensor]
 
 
 def tier_counts(n_candidates: int, fractions: Sequence[float]) -> list[int]:
@@ -105,7 +107,7 @@ def split_tokens(
         cand_scores = scores.to(torch.float32).gather(2, cand.unsqueeze(1).expand(b, n_kv_heads, n_c))
     ranked = _rank_candidates(cand_scores, (cand_pos < 0).unsqueeze(1).expand(b, n_kv_heads, n_c))
     counts = tier_counts(n_c, [frac for _, frac in tiers])
-    tier_bits, tier_idx, start = [], [], 0
+    tier_bits, tier_idx, tier_pos, start = [], [], [], 0
     big = torch.iinfo(torch.int64).max
     for (bits, _), count in zip(tiers, counts):
         if count == 0:
@@ -118,7 +120,8 @@ def split_tokens(
         within = torch.argsort(torch.where(pos < 0, big, pos), dim=-1, stable=True)
         tier_bits.append(bits)
         tier_idx.append(slots.gather(2, within))
-    return TokenSplit(residual, tier_bits, tier_idx, n_c - sum(counts))
+        tier_pos.append(pos.gather(2, within).to(torch.int32))
+    return TokenSplit(residual, tier_bits, tier_idx, n_c - sum(counts), tier_pos)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
