@@ -109,7 +109,7 @@ def test_a_build_is_kept_and_reused(tmp_path) -> None:
     second = _run_python(code, KVCOMP_CACHE_DIR=str(tmp_path))
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert first.stdout == second.stdout and first.stdout.strip().startswith(str(tmp_path))
-    assert len(list(tmp_path.glob("native_attend-*.so"))) == 1
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
 
 
 def _splits_agree(positions, scores, protected, heads, residual_length, tiers) -> None:

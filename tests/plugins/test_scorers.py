@@ -424,3 +424,20 @@ def test_pre_rope_tensors_are_computed_only_when_a_scorer_reads_them():
     with_content = PromptGuidedScorer(alpha=0.5, beta=0.5, gamma=0.0)
     torch.testing.assert_close(with_content.score(obs), with_content.score(base))
     assert len(calls) == 2  # once each, then kept
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(batch=2, kv_heads=3, group=3, n_tokens=40, window=5, pad=[0, 7]), dict(n_tokens=300, window=19, head_dim=64)],
+)
+def test_window_attention_in_c_is_the_torch_reference(kwargs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcomp_plugins import native
+
+    if not native.available():
+        pytest.skip("the C kernels cannot be built here (no compiler)")
+    obs = make_obs(seed=4, **kwargs)
+    in_c = _common.window_attention(obs)
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = _common.window_attention(obs)
+    # Same maths; only the order of float32 additions (and a polynomial exp, ~3e-7 relative) differs.
+    torch.testing.assert_close(in_c, reference, rtol=1e-5, atol=1e-7)

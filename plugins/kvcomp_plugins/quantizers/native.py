@@ -1,157 +1,29 @@
-"""The CPU kernels (:file:`native_attend.c`): built on first use, called through ctypes.
+"""Quantizer-side wrappers of the C kernels (:mod:`kvcomp_plugins.native`): decode attention over
+packed tiers, the token split of a prefill layer, and quantise+pack.
 
-Why a C kernel: on a CPU a decode step over packed tiers costs what its *op count* costs. The
-torch reference (:mod:`.attend`) needs ~50 small ops per layer and step to unpack, dequantise and
-attend, which made decoding on the compressed cache slower than on an uncompressed one although
-it reads 4x fewer bytes. The kernel does a layer in one call, unpacking each token's codes in
-registers, so the compressed cache decodes faster than the uncompressed one. The same library
-quantises and packs (prefill and decode flushes) with the bytes of the torch reference
-(:mod:`.packing`), in one call per layer instead of ~25 small ops per tensor.
-
-Building: the first call compiles the C file with the system C compiler (``$CC``, else ``cc``;
-``-O3 -march=native``, OpenMP when the compiler has it) into a cache folder
-(``$KVCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvcomp``, else ``~/.cache/kvcomp``), keyed by
-the source, the flags and this CPU's feature flags; later processes load it in milliseconds.
-No compiler, or a failed build: one warning, and backend ``auto`` keeps the torch reference
-(``native`` asked for by name raises instead). ``KVCOMP_NATIVE=0`` turns the kernel off.
+Each is the twin of a torch reference (:mod:`.attend`, :mod:`.tiers`, :mod:`.packing`): the split
+and the packed bytes are the same bit for bit, decode attention the same up to the order of
+float32 additions. Where the kernels cannot be built, backend ``auto`` keeps the references.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from kvcore.decode_attention import DensePart
 from kvcore.types import KVTier, QuantizedTensor
+from kvcomp_plugins.native import MAX_HEAD_DIM, QuantArgs, TierArgs, available, library
 from kvcomp_plugins.quantizers import packing
 from kvcomp_plugins.quantizers.attend import Scratch
 from kvcomp_plugins.quantizers.packing import Axis, QuantRequest, validate_quant_args
 from kvcomp_plugins.quantizers.tiers import TokenSplit, tier_counts
 
-SOURCE = Path(__file__).with_name("native_attend.c")
-MAX_HEAD_DIM = 512
-"""``KVC_MAX_D`` in the C source: the kernel keeps one token's ``d`` floats in registers/stack."""
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-march=native", "-fopenmp-simd"],
-    ["-O3"],
-)
-"""Tried in order: the first that compiles is used (not every compiler has OpenMP or -march)."""
-
-
-class _Tier(ctypes.Structure):
-    _fields_ = [
-        ("kp", ctypes.c_void_p), ("vp", ctypes.c_void_p), ("pad", ctypes.c_void_p),
-        ("ks", ctypes.c_void_p), ("kz", ctypes.c_void_p), ("vs", ctypes.c_void_p), ("vz", ctypes.c_void_p),
-        ("n", ctypes.c_int64), ("bits", ctypes.c_int32), ("key_token_axis", ctypes.c_int32),
-    ]
-
-
-class _QuantRequest(ctypes.Structure):
-    _fields_ = [
-        ("x", ctypes.c_void_p), ("idx", ctypes.c_void_p),
-        ("heads", ctypes.c_int64), ("stride_b", ctypes.c_int64), ("stride_h", ctypes.c_int64), ("stride_n", ctypes.c_int64),
-        ("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-        ("bh_count", ctypes.c_int64), ("n", ctypes.c_int64), ("bits", ctypes.c_int32), ("token_axis", ctypes.c_int32),
-    ]
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept (see the module docstring)."""
-    if os.environ.get("KVCOMP_CACHE_DIR"):
-        return Path(os.environ["KVCOMP_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvcomp"
-
-
-def _cpu_flags() -> str:
-    """This CPU's feature flags (``-march=native`` builds for them; another CPU needs its own build)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str) -> tuple[Path | None, str]:
-    """Compile the kernel (or find it built); ``(path, "")`` or ``(None, why it failed)``."""
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
-                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"native_attend-{key}.so"
-        if target.is_file():
-            return target, ""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a temporary name, then rename: processes starting together (torchrun) never
-        # load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, *flags, "-std=c11", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            Path(tmp).unlink(missing_ok=True)
-            errors.append(f"{' '.join(cmd)}: {exc}")
-            continue
-        if done.returncode == 0:
-            os.replace(tmp, target)
-            return target, ""
-        Path(tmp).unlink(missing_ok=True)
-        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
-    return None, "\n".join(errors)
-
-
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or ``None`` where it is turned off or cannot be built (warned once)."""
-    if os.environ.get("KVCOMP_NATIVE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        warnings.warn("no C compiler found (set CC): the CPU decode kernel is off; decoding on a compressed "
-                      "cache uses the slower torch reference", RuntimeWarning, stacklevel=2)
-        return None
-    path, why = _build(compiler)
-    if path is None:
-        warnings.warn(f"the CPU decode kernel could not be built, the torch reference is used:\n{why}",
-                      RuntimeWarning, stacklevel=2)
-        return None
-    lib = ctypes.CDLL(str(path))
-    lib.kvc_attend.restype = ctypes.c_int
-    lib.kvc_attend.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.POINTER(_Tier), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
-    ]
-    lib.kvc_quantize_many.restype = ctypes.c_int
-    lib.kvc_quantize_many.argtypes = [ctypes.POINTER(_QuantRequest), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
-    lib.kvc_split.restype = ctypes.c_int
-    lib.kvc_split.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_int32,
-    ]
-    return lib
-
-
-def available() -> bool:
-    """True if the kernel is built and loaded here (building it on the first call)."""
-    return library() is not None
+__all__ = ["MAX_HEAD_DIM", "MAX_ROWS", "attend_layer", "available", "library", "quantize_available", "quantize_pack",
+           "quantize_pack_many", "quantize_tiers", "split_tokens", "supports", "unpack_dequantize"]
 
 
 def quantize_available() -> bool:
@@ -224,8 +96,8 @@ def _quantize(work: Sequence[tuple[Tensor, Tensor | None, int, int, Axis]]) -> l
             index = None if idx is None else idx.to(torch.int64).contiguous()
             calls.setdefault((d, group_size), []).append((_float_rows(x), index, q))
     for (d, group_size), items in calls.items():
-        structs = (_QuantRequest * len(items))(*(
-            _QuantRequest(x.data_ptr(), idx.data_ptr() if idx is not None else None, x.shape[1],
+        structs = (QuantArgs * len(items))(*(
+            QuantArgs(x.data_ptr(), idx.data_ptr() if idx is not None else None, x.shape[1],
                           x.stride(0), x.stride(1), x.stride(2),
                           q.packed.data_ptr(), q.scale.data_ptr(), q.zero.data_ptr(),
                           q.shape[0] * q.shape[1], q.shape[2], q.bits, int(q.axis == "token"))
@@ -339,14 +211,14 @@ def attend_layer(
         raise ValueError("the CPU decode kernel reads values quantised per token (axis 'token')")
     rows = rows.to(torch.float32).contiguous()
     keep = []  # tensors whose memory the call reads: alive until it returns
-    structs = (_Tier * max(len(tiers), 1))()
+    structs = (TierArgs * max(len(tiers), 1))()
     for i, tier in enumerate(tiers):
         parts = [tier.keys.packed, tier.values.packed, tier.keys.scale, tier.keys.zero, tier.values.scale, tier.values.zero]
         parts = [p.contiguous() for p in parts]
         pad = None if padding is None or padding[i] is None else padding[i].reshape(b * h, tier.n_tokens).to(torch.uint8).contiguous()
         keep += [*parts, pad]
         kp, vp, ks, kz, vs, vz = (p.data_ptr() for p in parts)
-        structs[i] = _Tier(kp, vp, pad.data_ptr() if pad is not None else None, ks, kz, vs, vz,
+        structs[i] = TierArgs(kp, vp, pad.data_ptr() if pad is not None else None, ks, kz, vs, vz,
                            tier.n_tokens, tier.bits, int(tier.keys.axis == "token"))
     keys, stride = _rows_layout(dense.keys)
     values, v_stride = _rows_layout(dense.values)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
+from kvcomp_plugins import native
 from kvcore.types import LayerObservation, materialised
 
 PROTECTED_SCORE = 2.0
@@ -140,19 +141,27 @@ def window_attention(obs: LayerObservation) -> Tensor:
     Numerics: queries and keys are divided by their largest magnitude per ``(batch, head)`` and
     the inverse temperature ``s_q s_k / sqrt(d)`` is capped at :data:`MAX_LOGIT_SCALE`, so the
     result is finite for any finite input.
+
+    On a CPU the whole computation is one C call (``kvc_window_attention``, the same maths up to
+    the order of float32 additions): the torch version below costs ~35 small ops per layer.
     """
     keys = obs.keys.float()
     b, h_kv, n, d = keys.shape
-    queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
-    g, w = queries.shape[2], queries.shape[3]
-
     q_pos = obs.window_query_positions  # [B, W]
     q_valid = q_pos >= 0
-    k_pos = obs.positions
-    # [B, 1, 1, W, N], True = masked: a key the query may not see (later, or padding). A valid
-    # query always sees its own key; a padding query sees every real key (its row stays finite
-    # and its weight below is 0), so no row is empty.
+    # A valid query sees keys at original positions 0..its own; a padding query sees every real key
+    # (its row stays finite and its weight below is 0), so no row is empty.
     sees_upto = torch.where(q_valid, q_pos, torch.iinfo(q_pos.dtype).max)
+    g, w = obs.queries.shape[1] // h_kv, obs.queries.shape[2]
+    # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
+    n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
+    q_weight = q_valid.float() / (g * n_valid[:, None]).float()  # [B, W]
+    if keys.device.type == "cpu" and d <= native.MAX_HEAD_DIM and native.available():
+        return _window_attention_c(obs.queries, keys, sees_upto, obs.positions, q_weight)
+
+    queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
+    k_pos = obs.positions
+    # [B, 1, 1, W, N], True = masked: a key the query may not see (later, or padding).
     hidden = ((k_pos[:, None, :] > sees_upto[:, :, None]) | (k_pos[:, None, :] < 0))[:, None, None]
 
     s_q = _abs_max(queries, (2, 3, 4))  # [B, H_kv, 1, 1, 1]
@@ -162,10 +171,6 @@ def window_attention(obs: LayerObservation) -> Tensor:
     # the inverse temperature is folded into the (W-row) queries, not applied to the W x N logits.
     q_unit = queries / s_q / s_k[..., None] * inv_temp
 
-    # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
-    n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
-    q_weight = (q_valid.float() / (g * n_valid[:, None]).float())[:, None, None, :]  # [B, 1, 1, W]
-
     per_chunk = max(1, _LOGIT_ELEMENTS_PER_CHUNK // max(1, b * g * w * n))
     out = []
     for start in range(0, h_kv, per_chunk):
@@ -173,9 +178,32 @@ def window_attention(obs: LayerObservation) -> Tensor:
         logits = torch.einsum("bhgwd,bhnd->bhgwn", q_unit[:, sl], keys[:, sl])
         probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
         # The weighted mean over the g heads and W queries of a group is one small matmul.
-        weights = q_weight.expand(-1, probs.shape[1], g, -1).reshape(b, probs.shape[1], 1, g * w)
+        weights = q_weight[:, None, None, :].expand(-1, probs.shape[1], g, -1).reshape(b, probs.shape[1], 1, g * w)
         out.append(torch.matmul(weights, probs.reshape(b, probs.shape[1], g * w, n)).squeeze(2))
     return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+def _window_attention_c(queries: Tensor, keys: Tensor, sees_upto: Tensor, k_pos: Tensor, q_weight: Tensor) -> Tensor:
+    """:func:`window_attention` in C. ``queries`` ``[B, H, W, d]``, ``keys`` float32 ``[B, H_kv, N, d]``
+    (any layout with contiguous channels), ``sees_upto`` ``[B, W]`` (the last position each query
+    sees), ``k_pos`` ``[B, N]``, ``q_weight`` ``[B, W]``; returns ``[B, H_kv, N]``."""
+    b, h_kv, n, d = keys.shape
+    g, w = queries.shape[1] // h_kv, queries.shape[2]
+    queries = queries.to(torch.float32).contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    sees, pos = sees_upto.to(torch.int64).contiguous(), k_pos.to(torch.int64).contiguous()
+    weight = q_weight.to(torch.float32).contiguous()
+    out = torch.empty(b, h_kv, n, dtype=torch.float32)
+    scratch = torch.empty(g * w * (n + d), dtype=torch.float32)
+    status = native.library().kvc_window_attention(
+        queries.data_ptr(), keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2), sees.data_ptr(),
+        pos.data_ptr(), weight.data_ptr(), b, h_kv, g, w, n, d, out.data_ptr(), scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the C window attention refused queries {tuple(queries.shape)} and keys {tuple(keys.shape)}")
+    return out
 
 
 def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Tensor:

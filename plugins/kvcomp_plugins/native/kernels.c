@@ -526,3 +526,130 @@ int kvc_split(const float *scores, const int64_t *positions, const uint8_t *resi
     return 0;
 }
 
+
+/* ---- Window attention of the prompt-guided scorers (scorers/_common.py) --------------------------
+ * out[b, h, t] = sum_r weight[b, r % W] * softmax_r(q_r . k_t)[t]: the mean attention each key
+ * receives from the window queries of its group. Row r = (query head of the group) * W + (window
+ * query w); query w of batch row b sees key t iff 0 <= kpos[b, t] <= sees[b, w]. Every row must
+ * see at least one key. Scaling as the torch reference: queries become q / s_q / s_k * inv_temp
+ * (s_q, s_k the largest magnitudes of the group's queries and of the head's keys, floored at the
+ * smallest normal float; inv_temp = min(s_q s_k / sqrt(D), 1e30) in double), so no product of
+ * two finite inputs overflows.
+ *
+ *   queries float32 [B, H_kv * G, W, D] contiguous    keys float32, row t of (b, h) at
+ *   keys + b * k_sb + h * k_sh + t * k_sn (channels contiguous)
+ *   sees int64 [B, W]    kpos int64 [B, N]    weight float32 [B, W]    out float32 [B, H_kv, N]
+ *   scratch float32 [G * W * (N + D)]
+ */
+#define KVC_KEY_BLOCK 16
+/* KVC_KEY_BLOCK floats as one vector (GCC/clang vector extension; split where the CPU's are narrower). */
+typedef float kvc_keyvec __attribute__((vector_size(KVC_KEY_BLOCK * sizeof(float))));
+
+static float abs_max_floored(float m) { return m > 1.17549435e-38f ? m : 1.17549435e-38f; }
+
+int kvc_window_attention(const float *queries, const float *keys, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                         const int64_t *sees, const int64_t *kpos, const float *weight, int64_t b_count, int64_t heads,
+                         int64_t g, int64_t w, int64_t n, int64_t d, float *out, float *scratch, int32_t threads) {
+    if (d < 1 || d > KVC_MAX_D || g < 1 || w < 0 || n < 0) return -1;
+    int64_t r_count = g * w, blocks = (n + KVC_KEY_BLOCK - 1) / KVC_KEY_BLOCK;
+    float *logits = scratch, *q_unit = scratch + r_count * n;
+    for (int64_t bh = 0; bh < b_count * heads; bh++) {
+        int64_t b = bh / heads, h = bh % heads;
+        const float *q = queries + bh * r_count * d; /* the group's g heads, W queries each */
+        const float *kb = keys + b * k_sb + h * k_sh;
+        float *o = out + bh * n;
+        if (r_count == 0) {
+            for (int64_t t = 0; t < n; t++) o[t] = 0.0f;
+            continue;
+        }
+        float s_q = 0.0f, s_k = 0.0f;
+        for (int64_t i = 0; i < r_count * d; i++) s_q = fabsf(q[i]) > s_q ? fabsf(q[i]) : s_q;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : s_k) if (threads > 1 && n > 256)
+        for (int64_t t = 0; t < n; t++) {
+            const float *k = kb + t * k_sn;
+            float m = 0.0f;
+#pragma omp simd reduction(max : m)
+            for (int64_t c = 0; c < d; c++) m = fabsf(k[c]) > m ? fabsf(k[c]) : m;
+            s_k = m > s_k ? m : s_k;
+        }
+        s_q = abs_max_floored(s_q);
+        s_k = n ? abs_max_floored(s_k) : 1.0f;
+        double temp = (double)s_q * (double)s_k / sqrt((double)d);
+        float inv_temp = (float)(temp < 1e30 ? temp : 1e30);
+        for (int64_t i = 0; i < r_count * d; i++) q_unit[i] = q[i] / s_q / s_k * inv_temp;
+
+        /* Logits, a block of keys at a time: the block is transposed so that each query row's
+         * products run along the keys, one vector lane per key. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && blocks > 1)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t t0 = blk * KVC_KEY_BLOCK, nb = n - t0 < KVC_KEY_BLOCK ? n - t0 : KVC_KEY_BLOCK;
+            kvc_keyvec kt[KVC_MAX_D];
+            for (int64_t j = 0; j < KVC_KEY_BLOCK; j++) {
+                const float *k = kb + (t0 + (j < nb ? j : 0)) * k_sn;
+                for (int64_t c = 0; c < d; c++) kt[c][j] = k[c];
+            }
+            /* Four rows at a time, their sums in registers: each key vector is loaded once per four. */
+            int64_t r = 0;
+            for (; r + 4 <= r_count; r += 4) {
+                const float *q0 = q_unit + r * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
+                kvc_keyvec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t c = 0; c < d; c++) {
+                    a0 += q0[c] * kt[c];
+                    a1 += q1[c] * kt[c];
+                    a2 += q2[c] * kt[c];
+                    a3 += q3[c] * kt[c];
+                }
+                for (int64_t j = 0; j < nb; j++) {
+                    logits[r * n + t0 + j] = a0[j];
+                    logits[(r + 1) * n + t0 + j] = a1[j];
+                    logits[(r + 2) * n + t0 + j] = a2[j];
+                    logits[(r + 3) * n + t0 + j] = a3[j];
+                }
+            }
+            for (; r < r_count; r++) {
+                const float *q0 = q_unit + r * d;
+                kvc_keyvec a0 = {0};
+                for (int64_t c = 0; c < d; c++) a0 += q0[c] * kt[c];
+                for (int64_t j = 0; j < nb; j++) logits[r * n + t0 + j] = a0[j];
+            }
+        }
+
+        /* Masked softmax of every row, in place; the row's weight over its sum is kept in q_unit's
+         * first r_count slots (no longer needed). */
+        float *coef = q_unit;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && r_count > 1)
+        for (int64_t r = 0; r < r_count; r++) {
+            float *l = logits + r * n, top = -INFINITY, sum = 0.0f;
+            const int64_t *pos = kpos + b * n;
+            int64_t upto = sees[b * w + r % w];
+#pragma omp simd reduction(max : top)
+            for (int64_t t = 0; t < n; t++) {
+                float v = (pos[t] >= 0 && pos[t] <= upto) ? l[t] : -INFINITY;
+                l[t] = v;
+                top = v > top ? v : top;
+            }
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) {
+                float p = l[t] == -INFINITY ? 0.0f : exp_nonpositive(l[t] - top);
+                l[t] = p;
+                sum += p;
+            }
+            coef[r] = sum > 0.0f ? weight[b * w + r % w] / sum : 0.0f;
+        }
+
+        /* Weighted sum of the rows, in blocks of keys across threads. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n > 1024)
+        for (int64_t t0 = 0; t0 < n; t0 += 512) {
+            int64_t t1 = t0 + 512 < n ? t0 + 512 : n;
+            for (int64_t t = t0; t < t1; t++) o[t] = 0.0f;
+            for (int64_t r = 0; r < r_count; r++) {
+                float c = coef[r];
+                const float *p = logits + r * n;
+                if (c == 0.0f) continue;
+#pragma omp simd
+                for (int64_t t = t0; t < t1; t++) o[t] += c * p[t];
+            }
+        }
+    }
+    return 0;
+}
