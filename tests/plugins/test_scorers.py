@@ -441,3 +441,21 @@ def test_window_attention_in_c_is_the_torch_reference(kwargs, monkeypatch: pytes
     reference = _common.window_attention(obs)
     # Same maths; only the order of float32 additions (and a polynomial exp, ~3e-7 relative) differs.
     torch.testing.assert_close(in_c, reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pooling_and_normalising_in_c_are_the_torch_reference(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvcomp_plugins import native
+
+    if not native.available():
+        pytest.skip("the C kernels cannot be built here (no compiler)")
+    gen = torch.Generator().manual_seed(9)
+    scores = torch.rand(2, 3, 50, generator=gen)
+    mask = torch.rand(2, 50, generator=gen) > 0.3
+    mask[1] = False  # a row without candidates: nothing pooled, a constant term
+    in_c = [_common.pool_tokens(scores, mask, 5, mode), _common.minmax_normalise(scores, mask)]
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = [_common.pool_tokens(scores, mask, 5, mode), _common.minmax_normalise(scores, mask)]
+    for got, want in zip(in_c, reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch.all(in_c[1][1] == 0)

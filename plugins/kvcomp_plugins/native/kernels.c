@@ -1,11 +1,16 @@
-/* CPU kernels: decode attention over packed 2/4/8-bit tiers and a dense part, and quantise+pack.
+/* CPU kernels of kvcomp's plugins, each the twin of a torch reference and one call per layer:
+ *   kvc_attend            decode attention over packed 2/4/8-bit tiers and a dense part (attend.py)
+ *   kvc_quantize_many     quantise+pack, reading token rows directly or through indices (packing.py)
+ *   kvc_split             a prefill layer's token split into residual, tiers and dropped (tiers.py)
+ *   kvc_window_attention  the scorers' mean attention from the window queries (scorers/_common.py)
+ * Built on first use by kvcomp_plugins/native/__init__.py; no torch headers, called through ctypes.
  *
- * Attention is the C twin of attend.py's torch reference (same layouts, same maths, float32
+ * Decode attention is the C twin of attend.py's torch reference (same layouts, same maths, float32
  * throughout): one call attends every query row of every (batch row, KV head) over all tiers of a
  * layer and its full-precision tokens in one softmax. Codes are unpacked and dequantised in
  * blocks of KVC_BLOCK tokens on the stack; nothing the size of the layer is ever written, and a decode
  * step of one layer is one call instead of dozens of small torch ops (what a CPU decode step
- * pays for). Built on first use by native.py; no torch headers, called through ctypes.
+ * pays for).
  *
  * Layouts (all contiguous, row-major; BH = batch * KV heads):
  *   rows    float32 [BH, R, D]       queries, already multiplied by the softmax scale
@@ -22,7 +27,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define KVC_MAX_D 512
@@ -283,8 +287,6 @@ int kvc_attend(const float *rows, int64_t bh_count, int64_t r_count, int64_t d, 
     return 0;
 }
 
-int kvc_abi_version(void) { return 2; }
-
 /* ---- Quantise and pack (prefill and decode flushes) -----------------------------------------
  * The recipe of packing.py, step by step in the same fp32 operations, so the bytes are the torch
  * reference's bit for bit: group min/max; zero = min rounded down to fp16; scale = max(span / qmax,
@@ -330,12 +332,15 @@ static inline void group_stats(float mn, float mx, float qmax, uint16_t *scale, 
     *scale = round_up_f16(step);
 }
 
+/* Codes of one row into bytes; one loop per width, so that each has constant strides and vectorises. */
 static void pack_row(const int32_t *restrict codes, int bits, int64_t d, uint8_t *restrict out) {
-    int per = 8 / bits;
-    for (int64_t j = 0; j < d / per; j++) {
-        int32_t byte = 0;
-        for (int k = 0; k < per; k++) byte |= codes[j * per + k] << (k * bits);
-        out[j] = (uint8_t)byte;
+    if (bits == 8) {
+        for (int64_t j = 0; j < d; j++) out[j] = (uint8_t)codes[j];
+    } else if (bits == 4) {
+        for (int64_t j = 0; j < d / 2; j++) out[j] = (uint8_t)(codes[2 * j] | codes[2 * j + 1] << 4);
+    } else {
+        for (int64_t j = 0; j < d / 4; j++)
+            out[j] = (uint8_t)(codes[4 * j] | codes[4 * j + 1] << 2 | codes[4 * j + 2] << 4 | codes[4 * j + 3] << 6);
     }
 }
 
@@ -470,10 +475,26 @@ int kvc_quantize_available(void) { return 0; }
  *   scores    float32 [BH, N] or NULL (all equal)      positions int64 [N] (-1 = padding)
  *   residual  uint8 [N] (1 = full-precision residual slot)
  *   tier_idx  int64 [BH, counts[i]] slot indices, tier_pos int32 [BH, counts[i]] their positions
+ *   scratch   uint64 [BH, 2 * N]
  */
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
+/* Sort m keys ascending: least-significant-digit radix sort, 8 bits a pass, passes whose digit
+ * is the same for every key skipped (tmp holds m keys). A few passes over m keys instead of a
+ * comparison sort's m log m calls through a function pointer. */
+static void radix_sort_u64(uint64_t *restrict a, uint64_t *restrict tmp, int64_t m) {
+    uint64_t *src = a, *dst = tmp;
+    for (int shift = 0; shift < 64; shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t i = 0; i < m; i++) count[((src[i] >> shift) & 0xff) + 1]++;
+        int constant = 0;
+        for (int v = 1; v <= 256; v++) constant |= count[v] == m;
+        if (constant) continue;
+        for (int v = 0; v < 256; v++) count[v + 1] += count[v];
+        for (int64_t i = 0; i < m; i++) dst[count[(src[i] >> shift) & 0xff]++] = src[i];
+        uint64_t *swap = src;
+        src = dst;
+        dst = swap;
+    }
+    if (src != a) memcpy(a, src, (size_t)m * sizeof *a);
 }
 
 /* Order-preserving map of a float32 to uint32 (NaN read as -inf, -0 as +0). */
@@ -495,7 +516,7 @@ int kvc_split(const float *scores, const int64_t *positions, const uint8_t *resi
     if (kept > n_c) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
     for (int64_t bh = 0; bh < bh_count; bh++) {
-        uint64_t *keys = scratch + bh * n; /* ranking keys, then one tier's position keys */
+        uint64_t *keys = scratch + bh * 2 * n, *tmp = keys + n; /* ranking keys, then one tier's position keys */
         int64_t m = 0;
         for (int64_t t = 0; t < n; t++) {
             if (residual[t]) continue;
@@ -503,7 +524,7 @@ int kvc_split(const float *scores, const int64_t *positions, const uint8_t *resi
             uint32_t s = scores ? ~float_order(scores[bh * n + t]) : 0u;
             keys[m++] = (pad << 63) | ((uint64_t)s << 31) | (uint64_t)(0x7fffffff - t);
         }
-        qsort(keys, (size_t)m, sizeof *keys, cmp_u64);
+        radix_sort_u64(keys, tmp, m);
         int64_t start = 0;
         for (int64_t i = 0; i < n_tiers; i++) {
             int64_t k = counts[i];
@@ -514,7 +535,7 @@ int kvc_split(const float *scores, const int64_t *positions, const uint8_t *resi
                 uint64_t order = pos < 0 ? ((UINT64_C(1) << 32) | (uint64_t)j) : (uint64_t)pos; /* < 2^33 */
                 tier[j] = (order << 31) | (uint64_t)slot;
             }
-            qsort(tier, (size_t)k, sizeof *tier, cmp_u64);
+            radix_sort_u64(tier, tmp, k);
             for (int64_t j = 0; j < k; j++) {
                 int64_t slot = (int64_t)(tier[j] & 0x7fffffffu);
                 tier_idx[i][bh * k + j] = slot;
@@ -539,7 +560,7 @@ int kvc_split(const float *scores, const int64_t *positions, const uint8_t *resi
  *   queries float32 [B, H_kv * G, W, D] contiguous    keys float32, row t of (b, h) at
  *   keys + b * k_sb + h * k_sh + t * k_sn (channels contiguous)
  *   sees int64 [B, W]    kpos int64 [B, N]    weight float32 [B, W]    out float32 [B, H_kv, N]
- *   scratch float32 [G * W * (N + D)]
+ *   scratch float32 [G * W * (N + D) + ceil(N / KVC_KEY_BLOCK)]
  */
 #define KVC_KEY_BLOCK 16
 /* KVC_KEY_BLOCK floats as one vector (GCC/clang vector extension; split where the CPU's are narrower). */
@@ -547,108 +568,182 @@ typedef float kvc_keyvec __attribute__((vector_size(KVC_KEY_BLOCK * sizeof(float
 
 static float abs_max_floored(float m) { return m > 1.17549435e-38f ? m : 1.17549435e-38f; }
 
-int kvc_window_attention(const float *queries, const float *keys, int64_t k_sb, int64_t k_sh, int64_t k_sn,
-                         const int64_t *sees, const int64_t *kpos, const float *weight, int64_t b_count, int64_t heads,
-                         int64_t g, int64_t w, int64_t n, int64_t d, float *out, float *scratch, int32_t threads) {
-    if (d < 1 || d > KVC_MAX_D || g < 1 || w < 0 || n < 0) return -1;
-    int64_t r_count = g * w, blocks = (n + KVC_KEY_BLOCK - 1) / KVC_KEY_BLOCK;
-    float *logits = scratch, *q_unit = scratch + r_count * n;
-    for (int64_t bh = 0; bh < b_count * heads; bh++) {
-        int64_t b = bh / heads, h = bh % heads;
-        const float *q = queries + bh * r_count * d; /* the group's g heads, W queries each */
-        const float *kb = keys + b * k_sb + h * k_sh;
-        float *o = out + bh * n;
-        if (r_count == 0) {
-            for (int64_t t = 0; t < n; t++) o[t] = 0.0f;
-            continue;
-        }
-        float s_q = 0.0f, s_k = 0.0f;
-        for (int64_t i = 0; i < r_count * d; i++) s_q = fabsf(q[i]) > s_q ? fabsf(q[i]) : s_q;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : s_k) if (threads > 1 && n > 256)
-        for (int64_t t = 0; t < n; t++) {
+/* One (batch row, KV head) of kvc_window_attention, called by every thread of the team: the
+ * worksharing loops below bind to the caller's parallel region, so a layer costs one region and a
+ * few barriers rather than a region per step (waking the threads each time). */
+static void window_head(const float *q, const float *kb, int64_t k_sn, const int64_t *sees, const int64_t *pos,
+                        const float *weight, int64_t r_count, int64_t w, int64_t n, int64_t d, float *o,
+                        float *logits, float *q_unit, float *block_max) {
+    int64_t blocks = (n + KVC_KEY_BLOCK - 1) / KVC_KEY_BLOCK;
+    if (r_count == 0) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++) o[t] = 0.0f;
+        return;
+    }
+    /* Largest key magnitude of each block of keys, then (one thread) of the head, and the
+     * queries scaled by it. */
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t t1 = (blk + 1) * KVC_KEY_BLOCK < n ? (blk + 1) * KVC_KEY_BLOCK : n;
+        float m = 0.0f;
+        for (int64_t t = blk * KVC_KEY_BLOCK; t < t1; t++) {
             const float *k = kb + t * k_sn;
-            float m = 0.0f;
 #pragma omp simd reduction(max : m)
             for (int64_t c = 0; c < d; c++) m = fabsf(k[c]) > m ? fabsf(k[c]) : m;
-            s_k = m > s_k ? m : s_k;
         }
+        block_max[blk] = m;
+    }
+#pragma omp single
+    {
+        float s_q = 0.0f, s_k = 0.0f;
+        for (int64_t i = 0; i < r_count * d; i++) s_q = fabsf(q[i]) > s_q ? fabsf(q[i]) : s_q;
+        for (int64_t blk = 0; blk < blocks; blk++) s_k = block_max[blk] > s_k ? block_max[blk] : s_k;
         s_q = abs_max_floored(s_q);
         s_k = n ? abs_max_floored(s_k) : 1.0f;
         double temp = (double)s_q * (double)s_k / sqrt((double)d);
         float inv_temp = (float)(temp < 1e30 ? temp : 1e30);
         for (int64_t i = 0; i < r_count * d; i++) q_unit[i] = q[i] / s_q / s_k * inv_temp;
+    }
 
-        /* Logits, a block of keys at a time: the block is transposed so that each query row's
-         * products run along the keys, one vector lane per key. */
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && blocks > 1)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            int64_t t0 = blk * KVC_KEY_BLOCK, nb = n - t0 < KVC_KEY_BLOCK ? n - t0 : KVC_KEY_BLOCK;
-            kvc_keyvec kt[KVC_MAX_D];
-            for (int64_t j = 0; j < KVC_KEY_BLOCK; j++) {
-                const float *k = kb + (t0 + (j < nb ? j : 0)) * k_sn;
-                for (int64_t c = 0; c < d; c++) kt[c][j] = k[c];
-            }
-            /* Four rows at a time, their sums in registers: each key vector is loaded once per four. */
-            int64_t r = 0;
-            for (; r + 4 <= r_count; r += 4) {
-                const float *q0 = q_unit + r * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
-                kvc_keyvec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                for (int64_t c = 0; c < d; c++) {
-                    a0 += q0[c] * kt[c];
-                    a1 += q1[c] * kt[c];
-                    a2 += q2[c] * kt[c];
-                    a3 += q3[c] * kt[c];
-                }
-                for (int64_t j = 0; j < nb; j++) {
-                    logits[r * n + t0 + j] = a0[j];
-                    logits[(r + 1) * n + t0 + j] = a1[j];
-                    logits[(r + 2) * n + t0 + j] = a2[j];
-                    logits[(r + 3) * n + t0 + j] = a3[j];
-                }
-            }
-            for (; r < r_count; r++) {
-                const float *q0 = q_unit + r * d;
-                kvc_keyvec a0 = {0};
-                for (int64_t c = 0; c < d; c++) a0 += q0[c] * kt[c];
-                for (int64_t j = 0; j < nb; j++) logits[r * n + t0 + j] = a0[j];
-            }
+    /* Logits, a block of keys at a time: the block is transposed so that each query row's
+     * products run along the keys, one vector lane per key. */
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int64_t t0 = blk * KVC_KEY_BLOCK, nb = n - t0 < KVC_KEY_BLOCK ? n - t0 : KVC_KEY_BLOCK;
+        kvc_keyvec kt[KVC_MAX_D];
+        for (int64_t j = 0; j < KVC_KEY_BLOCK; j++) {
+            const float *k = kb + (t0 + (j < nb ? j : 0)) * k_sn;
+            for (int64_t c = 0; c < d; c++) kt[c][j] = k[c];
         }
+        /* Eight rows at a time, their sums in registers: each key vector is loaded once per
+         * eight rows, and eight independent sums hide the latency of the additions. */
+        int64_t r = 0;
+        for (; r + 8 <= r_count; r += 8) {
+            const float *qr = q_unit + r * d;
+            kvc_keyvec a[8] = {{0}};
+            for (int64_t c = 0; c < d; c++) {
+                kvc_keyvec kc = kt[c];
+                for (int i = 0; i < 8; i++) a[i] += qr[i * d + c] * kc;
+            }
+            for (int i = 0; i < 8; i++)
+                for (int64_t j = 0; j < nb; j++) logits[(r + i) * n + t0 + j] = a[i][j];
+        }
+        for (; r < r_count; r++) {
+            const float *q0 = q_unit + r * d;
+            kvc_keyvec a0 = {0};
+            for (int64_t c = 0; c < d; c++) a0 += q0[c] * kt[c];
+            for (int64_t j = 0; j < nb; j++) logits[r * n + t0 + j] = a0[j];
+        }
+    }
 
-        /* Masked softmax of every row, in place; the row's weight over its sum is kept in q_unit's
-         * first r_count slots (no longer needed). */
-        float *coef = q_unit;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && r_count > 1)
-        for (int64_t r = 0; r < r_count; r++) {
-            float *l = logits + r * n, top = -INFINITY, sum = 0.0f;
-            const int64_t *pos = kpos + b * n;
-            int64_t upto = sees[b * w + r % w];
+    /* Masked softmax of every row, in place; the row's weight over its sum is kept in q_unit's
+     * first r_count slots (q_unit is not read again). */
+    float *coef = q_unit;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < r_count; r++) {
+        float *l = logits + r * n, top = -INFINITY, sum = 0.0f;
+        int64_t upto = sees[r % w];
 #pragma omp simd reduction(max : top)
-            for (int64_t t = 0; t < n; t++) {
-                float v = (pos[t] >= 0 && pos[t] <= upto) ? l[t] : -INFINITY;
-                l[t] = v;
-                top = v > top ? v : top;
-            }
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; t++) {
-                float p = l[t] == -INFINITY ? 0.0f : exp_nonpositive(l[t] - top);
-                l[t] = p;
-                sum += p;
-            }
-            coef[r] = sum > 0.0f ? weight[b * w + r % w] / sum : 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            float v = (pos[t] >= 0 && pos[t] <= upto) ? l[t] : -INFINITY;
+            l[t] = v;
+            top = v > top ? v : top;
         }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) {
+            float p = l[t] == -INFINITY ? 0.0f : exp_nonpositive(l[t] - top);
+            l[t] = p;
+            sum += p;
+        }
+        coef[r] = sum > 0.0f ? weight[r % w] / sum : 0.0f;
+    }
 
-        /* Weighted sum of the rows, in blocks of keys across threads. */
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n > 1024)
-        for (int64_t t0 = 0; t0 < n; t0 += 512) {
-            int64_t t1 = t0 + 512 < n ? t0 + 512 : n;
-            for (int64_t t = t0; t < t1; t++) o[t] = 0.0f;
-            for (int64_t r = 0; r < r_count; r++) {
-                float c = coef[r];
-                const float *p = logits + r * n;
-                if (c == 0.0f) continue;
+    /* Weighted sum of the rows, in blocks of keys. */
+#pragma omp for schedule(static)
+    for (int64_t t0 = 0; t0 < n; t0 += 512) {
+        int64_t t1 = t0 + 512 < n ? t0 + 512 : n;
+        for (int64_t t = t0; t < t1; t++) o[t] = 0.0f;
+        for (int64_t r = 0; r < r_count; r++) {
+            float c = coef[r];
+            const float *p = logits + r * n;
+            if (c == 0.0f) continue;
 #pragma omp simd
-                for (int64_t t = t0; t < t1; t++) o[t] += c * p[t];
+            for (int64_t t = t0; t < t1; t++) o[t] += c * p[t];
+        }
+    }
+}
+
+int kvc_window_attention(const float *queries, const float *keys, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                         const int64_t *sees, const int64_t *kpos, const float *weight, int64_t b_count, int64_t heads,
+                         int64_t g, int64_t w, int64_t n, int64_t d, float *out, float *scratch, int32_t threads) {
+    if (d < 1 || d > KVC_MAX_D || g < 1 || w < 0 || n < 0) return -1;
+    int64_t r_count = g * w;
+    float *logits = scratch, *q_unit = scratch + r_count * n, *block_max = q_unit + r_count * d;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int64_t bh = 0; bh < b_count * heads; bh++) {
+        int64_t b = bh / heads, h = bh % heads;
+        window_head(queries + bh * r_count * d, keys + b * k_sb + h * k_sh, k_sn, sees + b * w, kpos + b * n,
+                    weight + b * w, r_count, w, n, d, out + bh * n, logits, q_unit, block_max);
+    }
+    return 0;
+}
+
+/* ---- Pooling and min-max normalisation of score terms (scorers/_common.py) ---------------------
+ * Both read x float32 [B * H_kv, N] and a candidate mask uint8 [B, N] and write out [B * H_kv, N].
+ *
+ * kvc_pool: a 1-D pool of odd width `kernel` over the masked-in tokens (masked-out tokens count
+ * as 0; scores are >= 0): the maximum, or (avg) the sum over the masked-in tokens in reach
+ * divided by their number (0 where there is none). */
+int kvc_pool(const float *x, const uint8_t *mask, int64_t b_count, int64_t heads, int64_t n, int64_t kernel,
+             int32_t avg, float *out) {
+    if (kernel < 1 || kernel % 2 == 0) return -1;
+    int64_t half = kernel / 2;
+    for (int64_t bh = 0; bh < b_count * heads; bh++) {
+        const float *row = x + bh * n;
+        const uint8_t *m = mask + (bh / heads) * n;
+        float *o = out + bh * n;
+        for (int64_t t = 0; t < n; t++) {
+            int64_t lo = t - half < 0 ? 0 : t - half, hi = t + half + 1 < n ? t + half + 1 : n;
+            if (!avg) {
+                float top = -INFINITY;
+                for (int64_t j = lo; j < hi; j++) {
+                    float v = m[j] ? row[j] : 0.0f;
+                    top = v > top ? v : top;
+                }
+                o[t] = top;
+                continue;
             }
+            float sum = 0.0f, count = 0.0f;
+            for (int64_t j = lo; j < hi; j++) {
+                sum += m[j] ? row[j] : 0.0f;
+                count += m[j] ? 1.0f : 0.0f;
+            }
+            o[t] = count > 0.0f ? (sum / (float)kernel) / (count / (float)kernel) : 0.0f;
+        }
+    }
+    return 0;
+}
+
+/* kvc_minmax: (x - lo) / (hi - lo) clamped to [0, 1], lo and hi the extremes over the masked-in
+ * tokens of the (batch row, KV head); all zeros where that span is not finite and positive. */
+int kvc_minmax(const float *x, const uint8_t *mask, int64_t b_count, int64_t heads, int64_t n, float *out) {
+    for (int64_t bh = 0; bh < b_count * heads; bh++) {
+        const float *row = x + bh * n;
+        const uint8_t *m = mask + (bh / heads) * n;
+        float *o = out + bh * n, lo = INFINITY, hi = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            float v = m[t] ? row[t] : INFINITY, u = m[t] ? row[t] : -INFINITY;
+            lo = v < lo ? v : lo;
+            hi = u > hi ? u : hi;
+        }
+        float span = hi - lo;
+        if (!(isfinite(span) && span > 0.0f)) {
+            for (int64_t t = 0; t < n; t++) o[t] = 0.0f;
+            continue;
+        }
+        for (int64_t t = 0; t < n; t++) {
+            float v = (row[t] - lo) / span;
+            o[t] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
         }
     }
     return 0;

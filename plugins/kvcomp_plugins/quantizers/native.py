@@ -135,7 +135,7 @@ def split_tokens(
     row_positions = positions[0].to(torch.int64).contiguous()
     flags = residual.to(torch.uint8)
     score_rows = None if scores is None else scores.to(torch.float32).contiguous()
-    scratch = torch.empty(b * n_kv_heads, n, dtype=torch.int64)  # uint64 sort keys
+    scratch = torch.empty(b * n_kv_heads, 2 * n, dtype=torch.int64)  # uint64 sort keys and the radix sort's buffer
     tier_sizes = torch.tensor([c for _, c in kept], dtype=torch.int64)
     status = lib.kvc_split(
         score_rows.data_ptr() if score_rows is not None else None, row_positions.data_ptr(), flags.data_ptr(),

@@ -195,7 +195,7 @@ def _window_attention_c(queries: Tensor, keys: Tensor, sees_upto: Tensor, k_pos:
     sees, pos = sees_upto.to(torch.int64).contiguous(), k_pos.to(torch.int64).contiguous()
     weight = q_weight.to(torch.float32).contiguous()
     out = torch.empty(b, h_kv, n, dtype=torch.float32)
-    scratch = torch.empty(g * w * (n + d), dtype=torch.float32)
+    scratch = torch.empty(g * w * (n + d) + n // 16 + 1, dtype=torch.float32)  # see kernels.c
     status = native.library().kvc_window_attention(
         queries.data_ptr(), keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2), sees.data_ptr(),
         pos.data_ptr(), weight.data_ptr(), b, h_kv, g, w, n, d, out.data_ptr(), scratch.data_ptr(),
@@ -216,6 +216,8 @@ def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Te
     """
     if kernel == 1:
         return scores
+    if _in_c(scores):
+        return _rows_in_c("kvc_pool", scores, mask, kernel, int(mode == "avg"))
     b, h_kv, n = scores.shape
     m = mask[:, None, :].expand(b, h_kv, n).float()
     src = (scores * m).reshape(b * h_kv, 1, n)
@@ -227,6 +229,23 @@ def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Te
         count = F.avg_pool1d(m.reshape(b * h_kv, 1, n), kernel, stride=1, padding=pad, count_include_pad=True)
         pooled = torch.where(count > 0, total / count.clamp_min(_TINY), torch.zeros_like(total))
     return pooled.reshape(b, h_kv, n)
+
+
+def _in_c(scores: Tensor) -> bool:
+    """Whether ``[B, H_kv, N]`` score rows are post-processed by the C kernels: on a CPU, a dozen
+    small torch ops per call become one call (the same arithmetic, float32)."""
+    return scores.device.type == "cpu" and native.available()
+
+
+def _rows_in_c(kernel: str, scores: Tensor, mask: Tensor, *args: int) -> Tensor:
+    """``kernel`` (``kvc_pool`` or ``kvc_minmax``) on ``[B, H_kv, N]`` scores with a ``[B, N]`` mask."""
+    b, h_kv, n = scores.shape
+    x = scores.to(torch.float32).contiguous()
+    m = mask.to(torch.uint8).contiguous()
+    out = torch.empty_like(x)
+    if getattr(native.library(), kernel)(x.data_ptr(), m.data_ptr(), b, h_kv, n, *args, out.data_ptr()) != 0:
+        raise ValueError(f"{kernel} refused its arguments {args} (pool_kernel must be odd)")
+    return out
 
 
 def content_relevance(obs: LayerObservation) -> Tensor:
@@ -276,6 +295,8 @@ def minmax_normalise(scores: Tensor, mask: Tensor) -> Tensor:
     and becomes all zeros, so it adds nothing to a weighted sum. Scores must be finite and
     bounded (every term here lies within ``[-sqrt(d), sqrt(d)]``), so ``max - min`` cannot overflow.
     """
+    if _in_c(scores):
+        return _rows_in_c("kvc_minmax", scores, mask)
     m = mask[:, None, :]
     lo = scores.masked_fill(~m, float("inf")).amin(dim=-1, keepdim=True)
     hi = scores.masked_fill(~m, float("-inf")).amax(dim=-1, keepdim=True)
