@@ -156,7 +156,7 @@ def window_attention(obs: LayerObservation) -> Tensor:
     # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
     n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
     q_weight = q_valid.float() / (g * n_valid[:, None]).float()  # [B, W]
-    if keys.device.type == "cpu" and d <= native.MAX_HEAD_DIM and native.available():
+    if d <= native.MAX_HEAD_DIM and _in_c(keys):
         return _window_attention_c(obs.queries, keys, sees_upto, obs.positions, q_weight)
 
     queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
@@ -231,10 +231,10 @@ def pool_tokens(scores: Tensor, mask: Tensor, kernel: int, mode: PoolMode) -> Te
     return pooled.reshape(b, h_kv, n)
 
 
-def _in_c(scores: Tensor) -> bool:
-    """Whether ``[B, H_kv, N]`` score rows are post-processed by the C kernels: on a CPU, a dozen
-    small torch ops per call become one call (the same arithmetic, float32)."""
-    return scores.device.type == "cpu" and native.available()
+def _in_c(x: Tensor) -> bool:
+    """Whether the C kernels serve a step on ``x``: on a CPU, where they are built, a dozen small
+    torch ops per call become one call (the same arithmetic in float32, up to its order)."""
+    return x.device.type == "cpu" and native.available()
 
 
 def _rows_in_c(kernel: str, scores: Tensor, mask: Tensor, *args: int) -> Tensor:
