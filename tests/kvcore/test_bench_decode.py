@@ -29,6 +29,7 @@ def test_tiny_shape_times_every_config_against_full(tmp_path: Path) -> None:
         assert 0 < rows[("default", batch)]["kv_frac_fp16"] < 1
         assert all(rows[(c, batch)]["decode_tokens_per_s"] > 0 and rows[(c, batch)]["ttft_s"] > 0 for c in ("full", "default"))
     assert "| 160 | 2 | default |" in proc.stdout
+    assert "TTFT / full, pairs (<= 1)" in proc.stdout and "1.00 (1/1)" in proc.stdout  # full against itself
 
 
 @pytest.mark.parametrize(
