@@ -436,11 +436,19 @@ def test_window_attention_in_c_is_the_torch_reference(kwargs, monkeypatch: pytes
     if not native.available():
         pytest.skip("the C kernels cannot be built here (no compiler)")
     obs = make_obs(seed=4, **kwargs)
-    in_c = _common.window_attention(obs)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the kernel's loops without a team, then shared by two threads
+        one = _common.window_attention(obs)
+        torch.set_num_threads(2)
+        two = _common.window_attention(obs)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(native, "available", lambda: False)
     reference = _common.window_attention(obs)
     # Same maths; only the order of float32 additions (and a polynomial exp, ~3e-7 relative) differs.
-    torch.testing.assert_close(in_c, reference, rtol=1e-5, atol=1e-7)
+    for in_c in (one, two):
+        torch.testing.assert_close(in_c, reference, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
