@@ -3,20 +3,21 @@
 Why C: on a CPU, decode attention over packed tiers and the per-layer work of a compressed prefill
 cost what their *op counts* cost. The torch references need dozens of small ops per layer (~50 per
 decode step to unpack, dequantise and attend; ~150 to split a prefill layer into tiers and pack
-it; a dozen to turn window logits into scores), which made the compressed cache slower than an
+it; ~35 to score a layer by window attention), which made the compressed cache slower than an
 uncompressed one although it reads 4x fewer bytes. Each of those is one call here. The torch
 references stay the specification: the packed bytes and the split are the same bit for bit, the
 attention and the scores the same up to the order of float32 additions.
 
 Building: the first call compiles the C file with the system C compiler (``$CC``, else ``cc``;
-``-O3 -march=native``, OpenMP when the compiler has it) into a cache folder
+``-O3 -march=native -fno-trapping-math``, OpenMP when the compiler has it) into a cache folder
 (``$KVCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvcomp``, else ``~/.cache/kvcomp``), keyed by
 the source, the flags and this CPU's feature flags; later processes load it in milliseconds.
 No compiler, or a failed build: one warning, and backend ``auto`` keeps the torch references
 (``native`` asked for by name raises instead). ``KVCOMP_NATIVE=0`` turns the kernels off.
 
 The callers' wrappers live beside their torch references: :mod:`kvcomp_plugins.quantizers.native`
-(decode attention, token split, packing) and :mod:`kvcomp_plugins.scorers._common` (window attention).
+(decode attention, token split, packing) and :mod:`kvcomp_plugins.scorers._common` (window
+attention, pooling, min-max normalisation).
 """
 
 from __future__ import annotations

@@ -125,6 +125,19 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+/* exp(l[t] - top) in place over a row of logits whose maximum is top, a masked logit (-inf) giving
+ * exactly 0; returns the row's sum (the softmax's denominator). */
+static inline float exp_row(float *restrict l, int64_t n, float top) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        float p = l[t] == -INFINITY ? 0.0f : exp_nonpositive(l[t] - top);
+        l[t] = p;
+        sum += p;
+    }
+    return sum;
+}
+
 static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t d) {
     for (int64_t c = 0; c < d; c++) y[c] += a * x[c];
 }
@@ -219,15 +232,10 @@ static inline __attribute__((always_inline)) void attend_one(int64_t bh, const f
      * logit (-inf) gives exactly 0, and the row's maximum is finite (it sees at least one key). */
     float inv_sum[r_count > 0 ? r_count : 1];
     for (int64_t r = 0; r < r_count; r++) {
-        float *row = logits + r * total, top = -INFINITY, sum = 0.0f;
+        float *row = logits + r * total, top = -INFINITY;
 #pragma omp simd reduction(max : top)
         for (int64_t c = 0; c < total; c++) top = row[c] > top ? row[c] : top;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < total; c++) {
-            float p = row[c] == -INFINITY ? 0.0f : exp_nonpositive(row[c] - top);
-            row[c] = p;
-            sum += p;
-        }
+        float sum = exp_row(row, total, top);
         inv_sum[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
 
@@ -641,7 +649,7 @@ static void window_head(const float *q, const float *kb, int64_t k_sn, const int
     float *coef = q_unit;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < r_count; r++) {
-        float *l = logits + r * n, top = -INFINITY, sum = 0.0f;
+        float *l = logits + r * n, top = -INFINITY;
         int64_t upto = sees[r % w];
 #pragma omp simd reduction(max : top)
         for (int64_t t = 0; t < n; t++) {
@@ -649,12 +657,7 @@ static void window_head(const float *q, const float *kb, int64_t k_sn, const int
             l[t] = v;
             top = v > top ? v : top;
         }
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; t++) {
-            float p = l[t] == -INFINITY ? 0.0f : exp_nonpositive(l[t] - top);
-            l[t] = p;
-            sum += p;
-        }
+        float sum = exp_row(l, n, top);
         coef[r] = sum > 0.0f ? weight[r % w] / sum : 0.0f;
     }
 

@@ -163,7 +163,7 @@ class MixedPrecisionQuantizer:
         if rows_differ(positions, protected):
             return compress_rows(self.compress, keys, values, positions, scores, protected)
         b, h = keys.shape[:2]
-        if self._splits_in_c(keys, positions):
+        if self._splits_in_c(keys, positions, protected):
             split = native.split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
             residual = split.residual_idx[0]
             residual_keys, residual_values = keys.index_select(2, residual), values.index_select(2, residual)
@@ -191,12 +191,10 @@ class MixedPrecisionQuantizer:
             dropped_tokens=split.dropped_per_head,
         )
 
-    def _splits_in_c(self, keys: Tensor, positions: Tensor) -> bool:
+    def _splits_in_c(self, keys: Tensor, positions: Tensor, protected: Tensor) -> bool:
         """Whether the C kernels split and pack this layer: the backend quantises in C here, and
-        the batch rows share their positions (one prompt, or equal ones), as the C split needs."""
-        if backends.select_backend(self.config.backend, keys.device) is not native:
-            return False
-        return positions.shape[0] == 1 or torch.equal(positions, positions[:1].expand_as(positions))
+        the batch rows share their positions and protected slots (one prompt, or equal ones)."""
+        return backends.select_backend(self.config.backend, keys.device) is native and native.rows_shared(positions, protected)
 
     def quantize_block(self, keys: Tensor, values: Tensor, positions: Tensor) -> KVTier:
         """Quantise ``[B, H_kv, n, d]`` decode-overflow tokens at ``flush_bits``.

@@ -23,7 +23,7 @@ from kvcomp_plugins.quantizers.packing import Axis, QuantRequest, validate_quant
 from kvcomp_plugins.quantizers.tiers import TokenSplit, tier_counts
 
 __all__ = ["MAX_HEAD_DIM", "MAX_ROWS", "attend_layer", "available", "library", "quantize_available", "quantize_pack",
-           "quantize_pack_many", "quantize_tiers", "split_tokens", "supports", "unpack_dequantize"]
+           "quantize_pack_many", "quantize_tiers", "rows_shared", "split_tokens", "supports", "unpack_dequantize"]
 
 
 def quantize_available() -> bool:
@@ -108,6 +108,14 @@ def _quantize(work: Sequence[tuple[Tensor, Tensor | None, int, int, Axis]]) -> l
     return out
 
 
+def rows_shared(positions: Tensor, protected: Tensor) -> bool:
+    """Whether the batch rows of ``[B, N]`` ``positions`` and ``protected`` are all equal, as
+    :func:`split_tokens` needs (always so for one row, without a comparison)."""
+    if positions.shape[0] == 1:
+        return True
+    return torch.equal(positions, positions[:1].expand_as(positions)) and torch.equal(protected, protected[:1].expand_as(protected))
+
+
 def split_tokens(
     positions: Tensor,
     scores: Tensor | None,
@@ -123,7 +131,7 @@ def split_tokens(
     if lib is None:
         raise RuntimeError("the CPU kernels are not available here; use backend 'torch' or 'auto'")
     b, n = positions.shape
-    if b > 1 and not (torch.equal(positions, positions[:1].expand(b, n)) and torch.equal(protected, protected[:1].expand(b, n))):
+    if not rows_shared(positions, protected):
         raise ValueError("the C token split serves batch rows that share positions and protected slots")
     residual = protected[0] | (torch.arange(n) >= n - residual_length)
     residual_idx = residual.nonzero().flatten()
