@@ -3,7 +3,8 @@
 Per layer it holds what prefill compression produced (quantised tiers + a full-precision residual
 of sinks, prompt window and the last prompt tokens). On the first decode step the residual moves
 into a *dense store* with spare room, so generated tokens are written in place rather than
-concatenated each step (at most ``DENSE_SPARE_TOKENS`` free slots are held). When the generated
+concatenated each step (at most ``DENSE_SPARE_TOKENS`` free slots are held, fewer when the
+quantizer never keeps that many decoded tokens). When the generated
 tokens in it exceed the quantizer's ``residual_length`` (R), the oldest ``flush_tokens`` are
 quantised and appended to one flushed tier. Decode attention then reads the tiers straight from their packed codes and the dense store
 as it is (:meth:`CompressedKVLayer.attend`); no dense copy of the layer is ever built.
@@ -25,7 +26,9 @@ from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, tensor_bytes
 
 DENSE_SPARE_TOKENS = 8
 """Free token slots the dense store keeps at most (they are held, so they count in ``kv_bytes``):
-it grows by this many when full and shrinks back after a flush frees more."""
+it grows by this many when full and shrinks back after a flush frees more. A quantizer that keeps
+fewer decoded tokens (``residual_length + flush_tokens`` below this) gets that many instead: with
+``R = 0`` and one-token flushes a single slot is all the store ever needs."""
 
 
 class CompressedKVLayer(CacheLayerMixin):
@@ -104,7 +107,7 @@ class CompressedKVLayer(CacheLayerMixin):
         c = self.compressed
         n = c.residual_keys.shape[-2]
         self.dense_keys, self.dense_values, self.dense_positions = _with_room(
-            c.residual_keys, c.residual_values, c.residual_positions, n + DENSE_SPARE_TOKENS
+            c.residual_keys, c.residual_values, c.residual_positions, n + self._spare
         )
         self.n_dense = self.n_residual = n
         # The stored parts are views now, so nothing is held twice.
@@ -122,7 +125,7 @@ class CompressedKVLayer(CacheLayerMixin):
         assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None
         q = keys.shape[-2]
         if self.n_dense + q > self.dense_keys.shape[-2]:
-            self._resize_dense(self.n_dense + q + DENSE_SPARE_TOKENS)
+            self._resize_dense(self.n_dense + q + self._spare)
         end = self.n_dense + q
         self.dense_keys[..., self.n_dense : end, :] = keys
         self.dense_values[..., self.n_dense : end, :] = values
@@ -150,9 +153,17 @@ class CompressedKVLayer(CacheLayerMixin):
             self.dense_positions[..., start : start + kept] = self.dense_positions[..., rest].clone()
             self.dense_positions[..., start + kept : self.n_dense] = PADDING_POSITION
             self.n_dense -= n
-        if self.dense_keys.shape[-2] - self.n_dense > DENSE_SPARE_TOKENS + incoming:
+        if self.dense_keys.shape[-2] - self.n_dense > self._spare + incoming:
             # Give the flushed slots back: what the cache holds is what kv_bytes reports.
-            self._resize_dense(self.n_dense + incoming + DENSE_SPARE_TOKENS)
+            self._resize_dense(self.n_dense + incoming + self._spare)
+
+    @property
+    def _spare(self) -> int:
+        """Free slots the dense store keeps (see :data:`DENSE_SPARE_TOKENS`)."""
+        q = self.quantizer
+        if q is None or q.flush_tokens <= 0:
+            return DENSE_SPARE_TOKENS
+        return max(1, min(DENSE_SPARE_TOKENS, q.residual_length + q.flush_tokens))
 
     def _resize_dense(self, capacity: int) -> None:
         assert self.dense_keys is not None and self.dense_values is not None and self.dense_positions is not None

@@ -66,6 +66,8 @@ _TIERED = dict(
     residual_length=st.integers(0, 512),
     flush_tokens=st.none() | st.integers(1, 256),
     flush_bits=st.sampled_from([2, 4, 8]),
+    flush_key_mode=st.none() | st.sampled_from(["channel", "token"]),
+    protected_bits=st.sampled_from([2, 4, 8, 16]),
     residual_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
     backend=st.sampled_from(["auto", "torch", "triton"]),
 )

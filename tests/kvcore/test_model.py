@@ -216,6 +216,37 @@ def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_
 
 
 @torch.no_grad()
+def test_one_token_flushes_keep_decoded_tokens_at_8_bit_and_no_free_slot(model_pair):
+    """R = 0, one-token flushes with per-token key groups, protected tokens at 8 bit: the dense
+    store holds only the newest token, and the packed path reads the mixed key groupings exactly
+    as the torch path that dequantises the flushed tier."""
+    ours, _ = model_pair
+    tiny = {"quantizer.residual_length": 0, "quantizer.flush_tokens": 1, "quantizer.flush_key_mode": "token",
+            "quantizer.protected_bits": 8}
+    logits = {}
+    for backend in ("auto", "torch"):
+        ours.set_compression(_config("default", **tiny, **{"quantizer.backend": backend}))
+        out = ours(input_ids=_ids(150))
+        cache, steps = out.cache, []
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(6):
+            out = ours(input_ids=token, cache=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        logits[backend] = torch.stack(steps)
+        for i in range(4):
+            layer = cache.layer(i)
+            # The newest token fills the one slot the store holds; the next step flushes it first.
+            assert layer.n_residual == 0 and layer.n_dense == 1 and layer.dense_keys.shape[-2] == 1
+            assert layer.compressed.tiers[0].bits == 8  # sinks and the prompt window
+            (flushed,) = layer.flushed
+            assert flushed.n_tokens == 5 and flushed.keys.axis == "token" and flushed.bits == 8
+        assert cache.kv_bytes == sum(tensor_bytes(t) for t in _stored_tensors(cache))
+    torch.testing.assert_close(logits["auto"], logits["torch"], rtol=1e-4, atol=1e-4)
+    ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
 def test_same_inputs_give_the_same_cache_bytes(model_pair):
     ours, _ = model_pair
     ours.set_compression(_config("fast", **PROPAGATE))

@@ -109,10 +109,22 @@ def test_a_long_chunk_of_queries_goes_to_the_torch_path_and_the_kernel_says_why_
         native.attend_layer(rows, tiers, dense)
 
 
-def test_tiers_quantised_differently_are_refused():
-    attend_layer = attend.attend_layer
-    with pytest.raises(ValueError, match="one group size and one key grouping"):
-        attend_layer(torch.zeros(2, 3, 1, 16), [_tier(8, 8, "channel", 1), _tier(8, 8, "token", 2)], _dense(2, 3, 1, 16, 0))
+@pytest.mark.parametrize("attend_layer", IMPLEMENTATIONS)
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_tiers_with_different_key_groupings_share_one_softmax(attend_layer, with_masks):
+    """Prefill tiers with per-channel keys beside decoded tokens flushed with per-token keys."""
+    tiers = [_tier(4, 40, "channel", 1), _tier(8, 3, "token", 2), _tier(2, 17, "channel", 3), _tier(8, 5, "token", 4)]
+    padding, mask = None, None
+    if with_masks:
+        padding = [torch.zeros(2, 3, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
+        padding[0][0, :, :, :7] = True
+        padding[1][1, :, :, :1] = True
+        mask = torch.ones(2, 3, 4, 5, dtype=torch.bool)
+        mask[1, :, :2, 3:] = False
+    dense = _dense(2, 3, 5, 16, seed=8, mask=mask)
+    rows = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(9))
+    out = attend_layer(rows, tiers, dense, padding)
+    torch.testing.assert_close(out.double(), _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)
 
 
 def test_parts_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():

@@ -14,7 +14,7 @@ from kvcore.protocols import Quantizer
 from kvcore.registry import ComponentError, ComponentRegistry, get_registry, reset_registry
 from kvcore.types import CompressedLayer, tensor_bytes
 from kvcomp_plugins.quantizers import MixedPrecisionConfig, MixedPrecisionQuantizer, UniformQuantizer
-from kvcomp_plugins.quantizers.packing import error_tolerance, quantize_pack
+from kvcomp_plugins.quantizers.packing import error_tolerance, quantize_pack, unpack_dequantize
 from kvcomp_plugins.quantizers.tiers import tier_counts
 
 @pytest.fixture
@@ -301,6 +301,37 @@ def test_quantize_block_uses_flush_bits() -> None:
         quantizer.quantize_block(keys, values, positions[:, :, :4])
 
 
+def test_quantize_block_groups_keys_by_flush_key_mode() -> None:
+    quantizer = MixedPrecisionQuantizer(group_size=16, residual_length=0, flush_tokens=1, flush_key_mode="token")
+    keys, values, _, _ = _layer(1, 2, 1, 32)
+    tier = quantizer.quantize_block(keys, values, torch.full((1, 2, 1), 7))
+    # One token: one scale per 16 channels, not one per channel (as per-channel groups would need).
+    assert tier.keys.axis == "token" and tuple(tier.keys.scale.shape) == (1, 2, 1, 2)
+    assert MixedPrecisionQuantizer(group_size=16).quantize_block(keys, values, torch.full((1, 2, 1), 7)).keys.axis == "channel"
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("residual_length", [0, 5])
+def test_protected_bits_8_stores_protected_tokens_as_an_8_bit_tier(backend: str, residual_length: int) -> None:
+    keys, values, positions, scores = _layer(2, 2, 60, 32, dtype=torch.float32)
+    protected = torch.zeros(2, 60, dtype=torch.bool)
+    protected[:, [0, 1, 2, 3, 30, 31, 57]] = True  # sinks, a question, one protected slot inside the last R
+    params = dict(frac_8bit=0.1, frac_4bit=0.2, frac_drop=0.7, group_size=8, residual_length=residual_length, backend=backend)
+    fp16 = MixedPrecisionQuantizer(**params).compress(keys, values, positions, scores, protected)
+    eight = MixedPrecisionQuantizer(**params, protected_bits=8).compress(keys, values, positions, scores, protected)
+    recent = list(range(60 - residual_length, 60))
+    old = [0, 1, 2, 3, 30, 31] + ([57] if residual_length == 0 else [])
+    assert eight.residual_positions[0, 0].tolist() == sorted(set(recent) | ({57} - set(old)))
+    first = eight.tiers[0]
+    assert first.bits == 8 and first.positions[1, 1].tolist() == old
+    # The candidates are split exactly as before; the protected tier holds what the residual held.
+    assert [t.positions.tolist() for t in eight.tiers[1:]] == [t.positions.tolist() for t in fp16.tiers]
+    assert eight.dropped_tokens == fp16.dropped_tokens
+    err = (unpack_dequantize(first.keys, torch.float32) - keys[:, :, old]).abs()
+    assert bool((err <= error_tolerance(keys[:, :, old], first.keys)).all())
+    assert tensor_bytes(*_all_stored_tensors(eight)) < tensor_bytes(*_all_stored_tensors(fp16))
+
+
 def test_uniform_stores_every_candidate_at_one_width() -> None:
     keys, values, positions, scores = _layer(1, 2, 300, 64)
     layer = UniformQuantizer(bits=2, residual_length=32).compress(keys, values, positions, scores, positions < 4)
@@ -338,6 +369,9 @@ def test_default_and_partial_fractions() -> None:
         ({"group_size": "32"}, "group_size"),
         ({"flush_bits": 3}, "flush_bits"),
         ({"key_mode": "head"}, "key_mode"),
+        ({"flush_key_mode": "head"}, "flush_key_mode"),
+        ({"protected_bits": 12}, "protected_bits"),
+        ({"protected_bits": 8.0}, "protected_bits"),
         ({"bits": 4}, "bits"),
     ],
 )

@@ -150,7 +150,7 @@ def _on(q: object, device: str) -> object:
     return dataclasses.replace(q, **{f.name: getattr(q, f.name).to(device) for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)})
 
 
-@pytest.mark.parametrize("key_axis", ["channel", "token"])
+@pytest.mark.parametrize("key_axis", ["channel", "token", "mixed"])
 def test_decode_kernel_matches_the_torch_path_on_tiers_of_every_width(key_axis: str, attend_kernel: ModuleType) -> None:
     from kvcore.types import KVTier
     from kvcomp_plugins.quantizers import attend
@@ -163,7 +163,8 @@ def test_decode_kernel_matches_the_torch_path_on_tiers_of_every_width(key_axis: 
         keys = torch.randn(b, h, n, d, generator=gen) * torch.linspace(0.5, 4.0, d)  # outlier-ish channels
         values = torch.randn(b, h, n, d, generator=gen)
         positions = torch.arange(n, dtype=torch.int32).expand(b, h, n).contiguous()
-        k, v = packing.quantize_pack(keys, bits, g, key_axis), packing.quantize_pack(values, bits, g, "token")
+        axis = key_axis if key_axis != "mixed" else ("channel", "token")[n % 2]  # decoded tokens flushed per token
+        k, v = packing.quantize_pack(keys, bits, g, axis), packing.quantize_pack(values, bits, g, "token")
         return KVTier(bits, positions.to(dev), _on(k, dev), _on(v, dev))  # type: ignore[arg-type]
 
     tiers = [tier(8, 11), tier(4, 70), tier(2, 5)]  # 70: two token blocks, the second partial

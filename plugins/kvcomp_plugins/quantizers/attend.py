@@ -36,6 +36,7 @@ from torch import Tensor
 
 from kvcore.decode_attention import DensePart
 from kvcore.types import KVTier
+from kvcomp_plugins.quantizers import packing
 
 
 # x = c_0 + 2**b c_1 + ... (the packed byte) -> c_0 + 2**8 c_1 + 2**16 c_2 + ... (the codes, one per
@@ -122,6 +123,31 @@ def _stats(parts: Sequence[Tensor], sizes: Sequence[int], group: int, dim: int =
     return torch.cat(pieces, dim=dim)
 
 
+def _fold_unlike(
+    tiers: Sequence[KVTier], padding: Sequence[Tensor | None] | None, dense: DensePart, alike: list[bool], r: int
+) -> tuple[list[KVTier], list[Tensor | None] | None, DensePart]:
+    """Dequantise the tiers grouped unlike the first (``alike[i]`` False) into the dense part.
+
+    Such tiers are few and small (decoded tokens flushed with per-token key groups beside
+    per-channel prefill tiers), so one softmax over everything stays cheaper than a second pass
+    and a merge. Returns the tiers left, their padding masks and the extended dense part.
+    """
+    others = [t for t, same in zip(tiers, alike) if not same]
+    keys = [packing.unpack_dequantize(t.keys, dense.keys.dtype) for t in others]
+    values = [packing.unpack_dequantize(t.values, dense.values.dtype) for t in others]
+    pads = [p for p, same in zip(padding or [None] * len(tiers), alike) if not same]
+    mask = dense.mask
+    if mask is not None or any(p is not None for p in pads):
+        b, h, n = dense.keys.shape[0], dense.keys.shape[1], dense.keys.shape[-2]
+        everything = functools.partial(torch.ones, dtype=torch.bool, device=dense.keys.device)
+        seen = [everything(b, h, r, t.n_tokens) if p is None else ~p.expand(b, h, r, -1) for t, p in zip(others, pads)]
+        mask = torch.cat([*seen, everything(b, h, r, n) if mask is None else mask.expand(b, h, r, n)], dim=-1)
+    dense = DensePart(torch.cat([*keys, dense.keys], dim=2), torch.cat([*values, dense.values], dim=2), mask)
+    kept = [t for t, same in zip(tiers, alike) if same]
+    kept_padding = None if padding is None else [p for p, same in zip(padding, alike) if same]
+    return kept, kept_padding, dense
+
+
 def attend_layer(
     rows: Tensor,
     tiers: Sequence[KVTier],
@@ -130,16 +156,18 @@ def attend_layer(
     scratch: Scratch | None = None,
 ) -> Tensor:
     """Attention of ``rows [B, H_kv, r, d]`` (float32, already scaled by the softmax scale) over
-    every token of ``tiers`` (all quantised alike: one group size, one key grouping) and of the
-    full-precision ``dense`` part, in one softmax.
+    every token of ``tiers`` and of the full-precision ``dense`` part, in one softmax. Tiers are
+    read packed when quantised like the first (group size, key grouping); others are dequantised
+    into the dense part first (:func:`_fold_unlike`).
 
     ``padding[i]`` is bool ``[B, H_kv, 1, n_i]`` (True = padding slot, never attended) or ``None``.
     Every row must see at least one dense key (in a decode step: the query's own token).
     Returns the output ``[B, H_kv, r, d]``, float32.
     """
     g, key_axis = tiers[0].keys.group_size, tiers[0].keys.axis
-    if any((t.keys.group_size, t.values.group_size, t.keys.axis) != (g, g, key_axis) for t in tiers):
-        raise ValueError("tiers attended together must share one group size and one key grouping")
+    alike = [(t.keys.group_size, t.values.group_size, t.keys.axis) == (g, g, key_axis) for t in tiers]
+    if not all(alike):
+        tiers, padding, dense = _fold_unlike(tiers, padding, dense, alike, r=rows.shape[-2])
     scratch = scratch or _DEFAULT_SCRATCH
     b, h, r, d = rows.shape
     groups = d // g  # channel groups of the values (and of per-token keys)

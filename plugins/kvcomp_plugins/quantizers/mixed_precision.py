@@ -9,6 +9,7 @@ channels that per-token groups smear over the whole group; values are always per
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,7 +23,7 @@ from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends, native
 from kvcomp_plugins.quantizers.packing import validate_quant_args
 from kvcomp_plugins.quantizers.rows import compress_rows, rows_differ
-from kvcomp_plugins.quantizers.tiers import gather_parts, split_tokens
+from kvcomp_plugins.quantizers.tiers import TokenSplit, gather_parts, split_tokens
 
 DEFAULT_FRACTIONS = {"frac_8bit": 0.1, "frac_4bit": 0.55, "frac_2bit": 0.0, "frac_drop": 0.35}
 """Used when neither fractions nor ``avg_bits`` are given (the ``default`` preset's split, which
@@ -38,6 +39,14 @@ def _check_bit_width(bits: int) -> int:
 
 BitWidth = Annotated[int, Field(strict=True), AfterValidator(_check_bit_width)]
 """A stored bit width. A strict int: ``4.0`` or ``"4"`` is refused, not coerced (``Literal`` would take 4.0)."""
+
+def _check_protected_bits(bits: int) -> int:
+    if bits not in (2, 4, 8, 16):
+        raise ValueError(f"protected_bits must be 2, 4 or 8 (a quantised tier) or 16 (the residual dtype), got {bits}")
+    return bits
+
+
+ProtectedBits = Annotated[int, Field(strict=True), AfterValidator(_check_protected_bits)]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -57,6 +66,16 @@ class TieredQuantizerConfig(BaseModel):
     residual_length: int = Field(128, ge=0, le=MAX_TOKEN_COUNT, description="R: most recent tokens kept in full precision.")
     flush_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT, description="Tokens per decode flush; None means group_size.")
     flush_bits: BitWidth = Field(8, description="Bit width of tokens flushed from the decode residual.")
+    flush_key_mode: Literal["channel", "token"] | None = Field(
+        None,
+        description="How flushed decode keys are grouped; None means key_mode. 'token' lets small flushes "
+        "(flush_tokens below group_size) store one scale per channel group of each token, not of each channel.",
+    )
+    protected_bits: ProtectedBits = Field(
+        16,
+        description="Storage of protected prompt tokens (sinks, the question and what follows it) outside the "
+        "last R: 16 keeps them in the residual dtype, 2/4/8 stores them as a tier of that width.",
+    )
     residual_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     backend: Literal["auto", "torch", "triton", "native"] = Field(
         "auto", description="Kernels: auto (Triton on CUDA, the C decode kernel on CPU), torch, triton or native."
@@ -132,6 +151,7 @@ class MixedPrecisionQuantizer:
         self.config = self.config_model(**params)
         self.residual_length: int = self.config.residual_length
         self.flush_tokens: int = self.config.flush_tokens or self.config.group_size
+        self._flush_key_mode = self.config.flush_key_mode or self.config.key_mode
         self.tier_fractions = self.config.tier_fractions()
         self.residual_dtype = _DTYPES[self.config.residual_dtype]
         # Decode staging buffers, shared by the layers of the model this quantizer serves (one
@@ -162,9 +182,12 @@ class MixedPrecisionQuantizer:
         self._check_layer(keys, values, positions, scores, protected)
         if rows_differ(positions, protected):
             return compress_rows(self.compress, keys, values, positions, scores, protected)
-        b, h = keys.shape[:2]
+        b, h, n, _ = keys.shape
+        extra: list[KVTier] = []
         if self._splits_in_c(keys, positions, protected):
             split = native.split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
+            if self.config.protected_bits < 16:
+                split, extra = self._protected_tier(keys, values, positions, split)
             residual = split.residual_idx[0]
             residual_keys, residual_values = keys.index_select(2, residual), values.index_select(2, residual)
             group = self.config.group_for(keys.shape[-1])
@@ -175,6 +198,8 @@ class MixedPrecisionQuantizer:
             ]
         else:
             split = split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
+            if self.config.protected_bits < 16:
+                split, extra = self._protected_tier(keys, values, positions, split)
             idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
             k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
             residual_keys, residual_values = k_parts[0], v_parts[0]
@@ -182,7 +207,7 @@ class MixedPrecisionQuantizer:
                 [(k, v, pos, bits) for k, v, pos, bits in zip(k_parts[1:], v_parts[1:], split.tier_positions, split.tier_bits)]
             )
         return CompressedLayer(
-            tiers=tiers,
+            tiers=[*extra, *tiers],
             # copy=True: in the storage dtype already, the part would be a view keeping every
             # gathered full-precision token alive (bytes held but not counted).
             residual_keys=residual_keys.to(self.residual_dtype, copy=True),
@@ -190,6 +215,25 @@ class MixedPrecisionQuantizer:
             residual_positions=_positions_of(positions, split.residual_idx.unsqueeze(1).expand(b, h, -1)),
             dropped_tokens=split.dropped_per_head,
         )
+
+    def _protected_tier(
+        self, keys: Tensor, values: Tensor, positions: Tensor, split: TokenSplit
+    ) -> tuple[TokenSplit, list[KVTier]]:
+        """Move the protected slots outside the last ``R`` from the residual into one tier of
+        ``protected_bits``.
+
+        The batch rows share positions and protected slots here (see :meth:`compress`), so the
+        residual is the same slots in every row: protected ones, then the last ``R``.
+        """
+        b, h, n, _ = keys.shape
+        residual = split.residual_idx
+        old = residual[0] < n - self.residual_length
+        if not bool(old.any()):
+            return split, []
+        idx = residual[:, old].unsqueeze(1).expand(b, h, -1)
+        k, v = gather_parts(keys, [idx])[0], gather_parts(values, [idx])[0]
+        tier = self._quantize_tier(k, v, _positions_of(positions, idx), self.config.protected_bits)
+        return dataclasses.replace(split, residual_idx=residual[:, ~old]), [tier]
 
     def _splits_in_c(self, keys: Tensor, positions: Tensor, protected: Tensor) -> bool:
         """Whether the C kernels split and pack this layer: the backend quantises in C here, and
@@ -211,7 +255,7 @@ class MixedPrecisionQuantizer:
             )
         bits = self.config.flush_bits
         self._check_head_dim(tuple(keys.shape), [bits])
-        return self._quantize_tier(keys, values, positions.to(torch.int32).contiguous(), bits)
+        return self._quantize_tiers([(keys, values, positions.to(torch.int32).contiguous(), bits)], self._flush_key_mode)[0]
 
     def dequantize(self, tensor: QuantizedTensor, dtype: torch.dtype) -> Tensor:
         """Unpack and dequantise to a dense ``[B, H_kv, n, d]`` tensor of ``dtype``."""
@@ -227,13 +271,15 @@ class MixedPrecisionQuantizer:
         """Pack ``[B, H_kv, k, d]`` keys (``key_mode``) and values (per token) at ``bits``."""
         return self._quantize_tiers([(keys, values, positions, bits)])[0]
 
-    def _quantize_tiers(self, parts: list[tuple[Tensor, Tensor, Tensor, int]]) -> list[KVTier]:
-        """:meth:`_quantize_tier` of every ``(keys, values, positions, bits)`` of a layer in one call."""
+    def _quantize_tiers(self, parts: list[tuple[Tensor, Tensor, Tensor, int]], key_mode: str | None = None) -> list[KVTier]:
+        """:meth:`_quantize_tier` of every ``(keys, values, positions, bits)`` of a layer in one call
+        (keys grouped by ``key_mode``, default the config's)."""
         cfg = self.config
+        key_mode = key_mode or cfg.key_mode
         requests = []
         for keys, values, _, bits in parts:
             group = cfg.group_for(keys.shape[-1])
-            requests += [(keys, bits, group, cfg.key_mode), (values, bits, group, "token")]
+            requests += [(keys, bits, group, key_mode), (values, bits, group, "token")]
         packed = backends.quantize_pack_many(requests, cfg.backend)
         return [
             KVTier(bits=bits, positions=positions, keys=packed[2 * i], values=packed[2 * i + 1])
@@ -242,14 +288,13 @@ class MixedPrecisionQuantizer:
 
     def check_model(self, *, num_layers: int, head_dim: int) -> None:
         """Refuse a model whose ``head_dim`` the groups or the packing cannot split (before prefill)."""
-        bits_used = [bits for bits, frac in self.config.tier_fractions() if bits and frac > 0]
-        self._check_head_dim((1, 1, 1, head_dim), [*bits_used, self.config.flush_bits])
+        self._check_head_dim((1, 1, 1, head_dim), self._bits_used())
 
     def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
         group = self.config.group_for(shape[-1])
         for bits in bits_used:
-            validate_quant_args(shape, bits, group, self.config.key_mode)
-            validate_quant_args(shape, bits, group, "token")
+            for axis in {self.config.key_mode, self._flush_key_mode, "token"}:
+                validate_quant_args(shape, bits, group, axis)
 
     def _check_layer(
         self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, protected: Tensor
@@ -269,9 +314,13 @@ class MixedPrecisionQuantizer:
             )
         if scores is not None and tuple(scores.shape) != (b, h, n):
             raise ValueError(f"scores must be [B, H_kv, N] = {(b, h, n)}, got {tuple(scores.shape)}")
-        # flush_bits too: the decode cache will flush this layer's tokens through quantize_block.
+        self._check_head_dim(tuple(keys.shape), self._bits_used())
+
+    def _bits_used(self) -> list[int]:
+        """Every width this quantizer stores: its tiers', the protected tier's and ``flush_bits``
+        (the decode cache flushes a layer's tokens through :meth:`quantize_block`)."""
         used = [bits for bits, frac in self.tier_fractions if frac > 0] + [self.config.flush_bits]
-        self._check_head_dim(tuple(keys.shape), used)
+        return used + [self.config.protected_bits] if self.config.protected_bits < 16 else used
 
 
 def _positions_of(positions: Tensor, idx: Tensor) -> Tensor:
