@@ -399,16 +399,20 @@ def test_probe_limit_covers_every_cell(tiny_model_dir, tmp_path):
 @pytest.mark.model
 def test_bench_on_the_embedded_model(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "kvcore.cli", "bench", "--preset", "full", "--preset", "default", "--suite", "passkey",
-           "--limit", "6", "--lengths", "500", "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "kvcore.cli", "bench", "--preset", "full", "--preset", "default", "--preset", "tiny",
+           "--suite", "passkey", "--limit", "6", "--lengths", "500", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_results(out / "results.jsonl")
-    assert len(rows) == 12 and {r["config"] for r in rows} == {REFERENCE, "default"}
+    assert len(rows) == 18 and {r["config"] for r in rows} == {REFERENCE, "default", "tiny"}
     full = [r for r in rows if r["config"] == REFERENCE]
     assert sum(r["score"] for r in full) >= 4  # the model finds the pass key at 500 tokens
     default = [r for r in rows if r["config"] == "default"]
     assert all(r["kv_fraction"] < 0.6 for r in default)
+    tiny = [r for r in rows if r["config"] == "tiny"]
+    # Every byte held after the answer was generated, against an fp16 cache of the same tokens.
+    assert all(r["kv_bytes"] <= 0.0625 * r["kv_bytes_fp16_full"] for r in tiny)
+    assert sum(r["score"] for r in tiny) >= 4
     summary = (out / "summary.md").read_text()
     assert "| `default` | 6 |" in summary and "it was not asked for" not in summary
     assert len(list(out.glob("*.png"))) >= 2

@@ -134,7 +134,7 @@ def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loadin
         pipe.set_config({"scorer": "snapkv"})
 
 
-@pytest.mark.parametrize("preset", ["default", "compact", "fast"])
+@pytest.mark.parametrize("preset", ["default", "compact", "fast", "tiny"])
 def test_a_one_token_prompt_simply_works(pipe, preset):
     overrides = {"propagator.keep_ratio_by_layer": {1: 0.5}} if preset == "fast" else {}  # the tiny model has 4 layers
     pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
@@ -170,7 +170,7 @@ BATCH = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["full", "default", "lossless8", "fast"])
+@pytest.mark.parametrize("preset", ["full", "default", "lossless8", "fast", "tiny"])
 def test_a_batch_gives_each_prompt_what_it_gets_alone(pipe, preset):
     overrides = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0} if preset == "fast" else {}
     pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
