@@ -40,6 +40,7 @@ def _check_bit_width(bits: int) -> int:
 BitWidth = Annotated[int, Field(strict=True), AfterValidator(_check_bit_width)]
 """A stored bit width. A strict int: ``4.0`` or ``"4"`` is refused, not coerced (``Literal`` would take 4.0)."""
 
+
 def _check_protected_bits(bits: int) -> int:
     if bits not in (2, 4, 8, 16):
         raise ValueError(f"protected_bits must be 2, 4 or 8 (a quantised tier) or 16 (the residual dtype), got {bits}")
@@ -182,7 +183,7 @@ class MixedPrecisionQuantizer:
         self._check_layer(keys, values, positions, scores, protected)
         if rows_differ(positions, protected):
             return compress_rows(self.compress, keys, values, positions, scores, protected)
-        b, h, n, _ = keys.shape
+        b, h = keys.shape[:2]
         extra: list[KVTier] = []
         if self._splits_in_c(keys, positions, protected):
             split = native.split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
