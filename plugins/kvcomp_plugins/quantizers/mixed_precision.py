@@ -184,11 +184,13 @@ class MixedPrecisionQuantizer:
         if rows_differ(positions, protected):
             return compress_rows(self.compress, keys, values, positions, scores, protected)
         b, h = keys.shape[:2]
-        extra: list[KVTier] = []
-        if self._splits_in_c(keys, positions, protected):
-            split = native.split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
-            if self.config.protected_bits < 16:
-                split, extra = self._protected_tier(keys, values, positions, split)
+        in_c = self._splits_in_c(keys, positions, protected)
+        split = (native.split_tokens if in_c else split_tokens)(
+            positions, scores, protected, h, self.residual_length, self.tier_fractions
+        )
+        if self.config.protected_bits < 16:
+            split = self._protected_as_tier(split, positions, keys.shape[2], h)
+        if in_c:
             residual = split.residual_idx[0]
             residual_keys, residual_values = keys.index_select(2, residual), values.index_select(2, residual)
             group = self.config.group_for(keys.shape[-1])
@@ -198,9 +200,6 @@ class MixedPrecisionQuantizer:
                 for bits, pos, (k, v) in zip(split.tier_bits, split.tier_positions, packed)
             ]
         else:
-            split = split_tokens(positions, scores, protected, h, self.residual_length, self.tier_fractions)
-            if self.config.protected_bits < 16:
-                split, extra = self._protected_tier(keys, values, positions, split)
             idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
             k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
             residual_keys, residual_values = k_parts[0], v_parts[0]
@@ -208,7 +207,7 @@ class MixedPrecisionQuantizer:
                 [(k, v, pos, bits) for k, v, pos, bits in zip(k_parts[1:], v_parts[1:], split.tier_positions, split.tier_bits)]
             )
         return CompressedLayer(
-            tiers=[*extra, *tiers],
+            tiers=tiers,
             # copy=True: in the storage dtype already, the part would be a view keeping every
             # gathered full-precision token alive (bytes held but not counted).
             residual_keys=residual_keys.to(self.residual_dtype, copy=True),
@@ -217,24 +216,25 @@ class MixedPrecisionQuantizer:
             dropped_tokens=split.dropped_per_head,
         )
 
-    def _protected_tier(
-        self, keys: Tensor, values: Tensor, positions: Tensor, split: TokenSplit
-    ) -> tuple[TokenSplit, list[KVTier]]:
-        """Move the protected slots outside the last ``R`` from the residual into one tier of
-        ``protected_bits``.
+    def _protected_as_tier(self, split: TokenSplit, positions: Tensor, n: int, h: int) -> TokenSplit:
+        """``split`` with the protected slots outside the last ``R`` moved from the residual into a
+        first tier of ``protected_bits`` (quantised with the other tiers, in the same call).
 
         The batch rows share positions and protected slots here (see :meth:`compress`), so the
         residual is the same slots in every row: protected ones, then the last ``R``.
         """
-        b, h, n, _ = keys.shape
         residual = split.residual_idx
         old = residual[0] < n - self.residual_length
         if not bool(old.any()):
-            return split, []
-        idx = residual[:, old].unsqueeze(1).expand(b, h, -1)
-        k, v = gather_parts(keys, [idx])[0], gather_parts(values, [idx])[0]
-        tier = self._quantize_tier(k, v, _positions_of(positions, idx), self.config.protected_bits)
-        return dataclasses.replace(split, residual_idx=residual[:, ~old]), [tier]
+            return split
+        idx = residual[:, old].unsqueeze(1).expand(-1, h, -1).contiguous()
+        return dataclasses.replace(
+            split,
+            residual_idx=residual[:, ~old],
+            tier_bits=[self.config.protected_bits, *split.tier_bits],
+            tier_idx=[idx, *split.tier_idx],
+            tier_positions=[_positions_of(positions, idx), *split.tier_positions],
+        )
 
     def _splits_in_c(self, keys: Tensor, positions: Tensor, protected: Tensor) -> bool:
         """Whether the C kernels split and pack this layer: the backend quantises in C here, and

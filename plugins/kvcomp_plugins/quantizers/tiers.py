@@ -21,7 +21,8 @@ class TokenSplit:
 
     Attributes:
         residual_idx: int64 ``[B, n_r]``, ascending; the same tokens for every KV head.
-        tier_bits: bit width of each non-empty tier, highest first.
+        tier_bits: bit width of each non-empty tier, highest first (after the protected tier, if
+            the quantizer stores one).
         tier_idx: per tier, int64 ``[B, H_kv, k]`` sorted by original position (padding last).
         dropped_per_head: candidate slots dropped per (batch row, KV head).
         tier_positions: per tier, int32 ``[B, H_kv, k]`` original positions of ``tier_idx``.
