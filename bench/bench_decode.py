@@ -16,6 +16,10 @@ the demo's generated text)::
 
     .venv/bin/python bench/bench_decode.py --lengths 1000 2000 4000 --repeats 3
 
+A config file (YAML/JSON, named by its stem in the table) times like a preset::
+
+    .venv/bin/python bench/bench_decode.py --lengths 4000 --decode-tokens 1 --configs full fast my_fast.yaml
+
 Random weights of a real shape on a GPU (batch 1 and 8)::
 
     python bench/bench_decode.py --shape llama3-8b --device cuda --lengths 4096 32768 --batch 1 8
@@ -36,7 +40,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-from kvcore.config import CompressionConfig, preset_names
+from kvcore.config import ComponentError, CompressionConfig, ConfigError, preset_names
 from kvcore.model import ATTN_IMPLEMENTATION, CompressedLlamaForCausalLM
 
 BASELINE = "transformers"
@@ -76,14 +80,50 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> dict[int, tuple
     return {n: (torch.randint(0, vocab, (1, n), generator=gen), None) for n in lengths}
 
 
+def resolve_configs(names: list[str]) -> dict[str, CompressionConfig | None]:
+    """``--configs`` as ``{table name: config}``: ``transformers`` (``None``), a preset name, or a
+    YAML/JSON file named by its stem. Raises ``ValueError`` naming what is neither."""
+    out: dict[str, CompressionConfig | None] = {}
+    unknown = []
+    for name in names:
+        path = Path(name)
+        if name == BASELINE:
+            key, config = name, None
+        elif name in preset_names():
+            key, config = name, CompressionConfig.from_preset(name)
+        elif path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+            try:
+                key, config = path.stem, CompressionConfig.from_file(path)
+                config.validate_components()  # a bad parameter fails here, not after the model loads
+            except (ConfigError, ComponentError) as exc:
+                raise ValueError(f"config file {name}: {exc}") from exc
+        else:
+            unknown.append(name)
+            continue
+        if key in out:
+            raise ValueError(f"two configs are named {key!r}; rename one file")
+        out[key] = config
+    if unknown:
+        raise ValueError(
+            f"unknown config(s) {unknown}; use {BASELINE!r}, a preset ({', '.join(preset_names())}) "
+            "or a .yaml/.json config file"
+        )
+    return out
+
+
 @torch.no_grad()
 def run_once(
-    model: CompressedLlamaForCausalLM, config: str, ids: torch.Tensor, window: torch.Tensor | None, decode_tokens: int
+    model: CompressedLlamaForCausalLM,
+    config: CompressionConfig | None,
+    ids: torch.Tensor,
+    window: torch.Tensor | None,
+    decode_tokens: int,
 ) -> dict[str, Any]:
-    """One prompt through one config: TTFT, decode time, KV bytes and the greedy tokens."""
+    """One prompt through one config (``None``: stock transformers): TTFT, decode time, KV bytes
+    and the greedy tokens."""
     device = ids.device
-    stock = config == BASELINE
-    model.set_compression(CompressionConfig.from_preset("full" if stock else config))
+    stock = config is None
+    model.set_compression(CompressionConfig() if stock else config)
     if stock:
         model.set_attn_implementation("sdpa")
     try:
@@ -113,8 +153,9 @@ def run_once(
     return {"ttft_s": ttft, "decode_s": decode_s, "kv_bytes": kv_bytes, "tokens": torch.cat(tokens, dim=1)[0].tolist()}
 
 
-def measure(model, configs, prompts, batches, repeats, decode_tokens) -> list[dict[str, Any]]:
-    """Alternate the configs ``repeats`` times per (length, batch); keep each config's best run."""
+def measure(model, configs: dict[str, CompressionConfig | None], prompts, batches, repeats, decode_tokens) -> list[dict[str, Any]]:
+    """Alternate the configs (name -> config, see :func:`resolve_configs`) ``repeats`` times per
+    (length, batch); keep each config's best run."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = []
@@ -123,10 +164,10 @@ def measure(model, configs, prompts, batches, repeats, decode_tokens) -> list[di
             batch_ids = ids.expand(batch, -1).contiguous().to(next(model.parameters()).device)
             best: dict[str, dict[str, Any]] = {}
             for config in configs:  # warm-up, not timed
-                run_once(model, config, batch_ids, window, min(decode_tokens, 2))
+                run_once(model, configs[config], batch_ids, window, min(decode_tokens, 2))
             for rep in range(repeats):
                 for config in configs:
-                    got = run_once(model, config, batch_ids, window, decode_tokens)
+                    got = run_once(model, configs[config], batch_ids, window, decode_tokens)
                     prev = best.get(config)
                     if prev is None:
                         best[config] = {**got, "ttft_runs_s": [got["ttft_s"]], "decode_runs_s": [got["decode_s"]]}
@@ -189,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="model preset, folder or .gguf (real weights)")
     parser.add_argument("--shape", default=None, help="random weights of this shape instead (see bench_prefill.py)")
-    parser.add_argument("--configs", nargs="+", default=[BASELINE, "full", "default", "fast", "lossless8"])
+    parser.add_argument("--configs", nargs="+", default=[BASELINE, "full", "default", "fast", "lossless8"],
+                        help=f"{BASELINE!r}, preset names or .yaml/.json config files (named by their stem)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000], help="prompt tokens")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
@@ -200,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write rows and machine here")
     args = parser.parse_args(argv)
 
-    unknown = [c for c in args.configs if c != BASELINE and c not in preset_names()]
-    if unknown:
-        parser.error(f"unknown config(s) {unknown}; use {BASELINE!r} or a preset: {', '.join(preset_names())}")
-    if "full" not in args.configs:
+    try:
+        configs = resolve_configs(args.configs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if "full" not in configs:
         parser.error("--configs must include 'full': every ratio is against it")
     if args.repeats < 1 or args.decode_tokens < 1 or min(args.lengths) < 64 or min(args.batch) < 1:
         parser.error("--repeats, --decode-tokens and --batch must be >= 1 and every --lengths >= 64")
@@ -237,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": source,
     }
     print(json.dumps(machine), file=sys.stderr)
-    rows = measure(model, args.configs, prompts, args.batch, args.repeats, args.decode_tokens)
+    rows = measure(model, configs, prompts, args.batch, args.repeats, args.decode_tokens)
     print("\n".join(table(rows)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

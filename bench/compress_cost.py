@@ -128,7 +128,7 @@ def _run(model: Any, name: str, ids: torch.Tensor, window: torch.Tensor, sums: C
 
     model.set_compression = set_and_wrap
     try:
-        return run_once(model, name, ids, window, 1)["ttft_s"]
+        return run_once(model, CompressionConfig.from_preset(name), ids, window, 1)["ttft_s"]
     finally:
         del model.set_compression
 

@@ -42,3 +42,22 @@ def test_tiny_shape_times_every_config_against_full(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
     proc = _run("--shape", "tiny", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_config_file_times_under_its_stem(tmp_path: Path) -> None:
+    config = tmp_path / "thin.yaml"
+    config.write_text("scorer: prompt_guided\npropagator: {name: selective, keep_ratio_by_layer: {1: 0.5}}\n")
+    out = tmp_path / "decode.json"
+    proc = _run("--shape", "tiny", "--lengths", "160", "--repeats", "1", "--decode-tokens", "2",
+                "--configs", "full", str(config), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "thin"}
+    assert rows["thin"]["kv_frac_fp16"] < 1, "the file's propagation thinned the cache"
+
+
+def test_a_bad_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("quantizer: {name: mixed_precision, frac_8bit: 2}\n")
+    proc = _run("--shape", "tiny", "--configs", "full", str(config))
+    assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "frac_8bit" in proc.stderr, proc.stderr
