@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kvcore.config import CompressionConfig
-from kvcore.protocols import Propagator, Quantizer, Scorer
+from kvcore.protocols import LayerwiseQuantizer, Propagator, Quantizer, Scorer
 from kvcore.registry import ComponentRegistry, get_registry
 from kvcore.types import CompressedLayer, LayerObservation, LayerResult
 
@@ -89,7 +89,10 @@ class RealTimePrefillCompressor:
         if self.quantizer is None:
             compressed = _uncompressed_layer(obs)
         else:
-            compressed = self.quantizer.compress(obs.keys, obs.values, obs.positions, scores, protected)
+            quantizer = self.quantizer
+            if isinstance(quantizer, LayerwiseQuantizer):
+                quantizer = quantizer.for_layer(obs.layer_idx)
+            compressed = quantizer.compress(obs.keys, obs.values, obs.positions, scores, protected)
         timings["quantize_s"] = time.perf_counter() - start
 
         keep_idx = None

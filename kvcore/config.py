@@ -31,6 +31,29 @@ the longest context of the LLaMA family. Past it a count can only mean "never co
 overflow a tensor shape), so it is refused as a typo rather than accepted silently."""
 
 
+def layer_index_keys(value: Any) -> Any:
+    """A ``{layer: x}`` mapping with its keys read as layer indices: integers >= 0, or their digit
+    strings (``"8"``, as JSON writes keys). Anything else raises ``ValueError`` naming the key;
+    a value that is not a dict is returned as it is (strict validation then reports its type).
+    For the ``mode="before"`` validators of per-layer fields."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, str) and key.isascii() and key.lstrip("-").isdigit() and key.count("-") <= 1:
+            layer: Any = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            layer = key
+        else:
+            raise ValueError(f"layer {key!r} is not a layer index; use an integer >= 0 (or its digit string, e.g. '8')")
+        if layer < 0:
+            raise ValueError(f"layer {layer} is negative; layer indices are integers >= 0")
+        if layer in out:
+            raise ValueError(f"layer {layer} appears twice (as {key!r} and as an earlier key)")
+        out[layer] = item
+    return out
+
+
 class ConfigError(ValueError):
     """A configuration file or preset could not be read or validated."""
 
@@ -204,6 +227,7 @@ __all__ = [
     "ComponentSection",
     "CompressionConfig",
     "ConfigError",
+    "layer_index_keys",
     "load_config",
     "preset_names",
 ]

@@ -99,6 +99,19 @@ class TierAttention(Protocol):
 
 
 @runtime_checkable
+class LayerwiseQuantizer(Protocol):
+    """Optional quantizer capability: settings that differ from layer to layer.
+
+    During prefill the compressor asks for the quantizer of each layer before compressing it;
+    decoding (flushes, attention) always goes through the quantizer itself.
+    """
+
+    def for_layer(self, layer_idx: int) -> Quantizer:
+        """The quantizer that compresses the prefill K/V of decoder layer ``layer_idx``."""
+        ...
+
+
+@runtime_checkable
 class Propagator(Protocol):
     """Decides which tokens continue through the residual stream after a layer."""
 

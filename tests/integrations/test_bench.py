@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import dataclasses
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvcore.registry import get_registry
 from kvcomp_eval.runs.store import REFERENCE, config_hash, read_results, row_key
 from kvcomp_eval.runs.suite import BenchSuite
 from kvcomp_eval.runs.benchmark import CompressionBenchmark
@@ -416,3 +418,18 @@ def test_bench_on_the_embedded_model(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| `default` | 6 |" in summary and "it was not asked for" not in summary
     assert len(list(out.glob("*.png"))) >= 2
+
+
+def test_a_new_option_left_off_keeps_the_hashes_of_earlier_rows(monkeypatch):
+    base = CompressionConfig.from_preset("default")
+    before = config_hash(base)
+    registry = get_registry()
+    spec = registry.get("quantizer", "mixed_precision")
+
+    class WithOption(spec.config_model):  # what a release adding an optional parameter looks like
+        new_option: int | None = None
+
+    monkeypatch.setitem(registry._specs, ("quantizer", "mixed_precision"), dataclasses.replace(spec, config_model=WithOption))
+    assert "new_option" in base.resolved().quantizer.params
+    assert config_hash(base) == before, "rows stored before the option existed still match"
+    assert config_hash(base.with_overrides({"quantizer.new_option": 3})) != before

@@ -297,6 +297,27 @@ def test_a_schedule_naming_a_missing_layer_is_refused_before_any_work(model_pair
     assert ours.compressor is None, "a refused config leaves the model as it was"
 
 
+def test_a_layer_budget_naming_a_missing_layer_is_refused_before_any_work(model_pair):
+    ours, _ = model_pair  # 4 layers
+    with pytest.raises(ValueError, match=r"budget_by_layer names layer\(s\) \[4\]"):
+        ours.set_compression(_config("default", **{"quantizer.budget_by_layer": {0: 0.5, 4: 1.2}}))
+    assert ours.compressor is None
+
+
+@torch.no_grad()
+def test_each_layer_stores_the_budget_of_its_range(model_pair):
+    ours, _ = model_pair
+    budget = {"quantizer.budget_by_layer": {1: 0.5, 3: 1.4}, "quantizer.residual_length": 16}
+    try:
+        ours.set_compression(_config("default", **{"quantizer.residual_length": 16}))
+        flat = ours(input_ids=_ids(300), use_cache=True).cache.tokens_kept_per_layer()
+        ours.set_compression(_config("default", **budget))
+        kept = ours(input_ids=_ids(300), use_cache=True).cache.tokens_kept_per_layer()
+        assert kept[0] == flat[0] and kept[1] == kept[2] < flat[1] and kept[3] > flat[3], (flat, kept)
+    finally:
+        ours.set_compression(CompressionConfig())
+
+
 def test_a_group_size_that_does_not_divide_head_dim_is_refused_before_any_work(model_pair):
     ours, _ = model_pair  # head_dim 32
     with pytest.raises(ValueError, match="24"):

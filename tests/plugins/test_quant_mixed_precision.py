@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from kvcore.protocols import Quantizer
+from kvcore.protocols import LayerwiseQuantizer, Quantizer
 from kvcore.registry import ComponentError, ComponentRegistry, get_registry, reset_registry
 from kvcore.types import CompressedLayer, tensor_bytes
 from kvcomp_plugins.quantizers import MixedPrecisionConfig, MixedPrecisionQuantizer, UniformQuantizer
@@ -373,6 +373,12 @@ def test_default_and_partial_fractions() -> None:
         ({"protected_bits": 12}, "protected_bits"),
         ({"protected_bits": 8.0}, "protected_bits"),
         ({"bits": 4}, "bits"),
+        ({**PAPER_TIERS, "budget_by_layer": {4: 1.5}}, r"budget_by_layer: layer 4 multiplies .* use at most 1.429"),
+        ({**PAPER_TIERS, "budget_by_layer": {0: -0.5}}, "budget_by_layer: layer 0 has multiplier -0.5"),
+        ({**PAPER_TIERS, "budget_by_layer": {0: float("nan")}}, "budget_by_layer: layer 0 has multiplier nan"),
+        ({**PAPER_TIERS, "budget_by_layer": {-1: 0.5}}, "layer -1 is negative"),
+        ({**PAPER_TIERS, "budget_by_layer": {"early": 0.5}}, "layer 'early' is not a layer index"),
+        ({**PAPER_TIERS, "budget_by_layer": [0.5]}, "budget_by_layer"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(params: dict, match: str, registry: ComponentRegistry) -> None:
@@ -432,3 +438,36 @@ def test_stored_residual_owns_its_memory_in_the_storage_dtype() -> None:
     for t in (layer.residual_keys, layer.residual_values):
         # Its storage is its own: no view into the gathered tokens of every part.
         assert t.untyped_storage().nbytes() == tensor_bytes(t)
+
+
+def test_budget_by_layer_scales_the_stored_fractions_from_each_first_layer_on() -> None:
+    config = MixedPrecisionConfig(**PAPER_TIERS, budget_by_layer={"2": 0.5, 5: 1.4})  # a JSON-style key too
+    assert config.budget_by_layer == {2: 0.5, 5: 1.4}
+    assert [config.budget_at(layer) for layer in range(7)] == [1.0, 1.0, 0.5, 0.5, 0.5, 1.4, 1.4]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_layers_quantizer_stores_what_one_with_its_scaled_fractions_stores(backend: str) -> None:
+    keys, values, positions, scores = _layer(1, 2, 400, 64, seed=3)
+    protected = positions < 4
+    base = MixedPrecisionQuantizer(**PAPER_TIERS, residual_length=16, backend=backend, budget_by_layer={1: 0.5, 3: 1.2})
+    assert isinstance(base, LayerwiseQuantizer)
+    assert base.for_layer(0) is base and base.for_layer(3) is base.for_layer(7), "one copy per multiplier"
+    for layer, factor in ((1, 0.5), (3, 1.2)):
+        scaled = {k: v * factor for k, v in PAPER_TIERS.items() if k != "frac_drop"}
+        scaled["frac_drop"] = 1.0 - sum(scaled.values())
+        reference = MixedPrecisionQuantizer(**scaled, residual_length=16, backend=backend)
+        got = base.for_layer(layer).compress(keys, values, positions, scores, protected)
+        want = reference.compress(keys, values, positions, scores, protected)
+        assert got.tokens_by_bits == want.tokens_by_bits
+        assert all(torch.equal(a, b) for a, b in zip(_all_stored_tensors(got), _all_stored_tensors(want)))
+    assert base.for_layer(1).compress(keys, values, positions, scores, protected).n_tokens < base.compress(
+        keys, values, positions, scores, protected
+    ).n_tokens
+
+
+def test_budget_by_layer_naming_a_missing_layer_is_refused_by_the_model_check() -> None:
+    quantizer = MixedPrecisionQuantizer(**PAPER_TIERS, budget_by_layer={0: 0.5, 30: 1.2})
+    with pytest.raises(ValueError, match=r"budget_by_layer names layer\(s\) \[30\], but the model has 30 layers"):
+        quantizer.check_model(num_layers=30, head_dim=64)
+    quantizer.check_model(num_layers=31, head_dim=64)

@@ -38,9 +38,16 @@ RUN_FILE = "run.json"
 
 # -- files ----------------------------------------------------------------------------------------
 def config_hash(config: CompressionConfig) -> str:
-    """12 hex digits of SHA-256 over the resolved config (defaults filled in, description left out)."""
+    """12 hex digits of SHA-256 over the resolved config (defaults filled in, description left out).
+
+    Component parameters that are ``None`` (an option left off) are left out too, so a new
+    optional parameter does not make every earlier result row look like another config's.
+    """
     data = config.resolved().to_dict()
     data.pop("description", None)
+    for kind in ("scorer", "quantizer", "propagator"):
+        if isinstance(data.get(kind), dict):
+            data[kind] = {key: value for key, value in data[kind].items() if value is not None}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from kvcore.config import MAX_TOKEN_COUNT
+from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys
 from kvcore.types import PADDING_POSITION
 
 _TIER_PROTECTED, _TIER_REAL, _TIER_PADDING, _TIER_SURPLUS = 3, 2, 1, 0
@@ -45,27 +45,7 @@ class SelectiveConfig(BaseModel):
     of 500 tokens leaves too little context for later layers), so a floor keeps them whole while
     long prompts still follow the ratios."""
 
-    @field_validator("keep_ratio_by_layer", mode="before")
-    @classmethod
-    def _layer_keys(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value  # strict validation reports the type error
-        out: dict[Any, Any] = {}
-        for key, ratio in value.items():
-            if isinstance(key, str) and key.isascii() and key.lstrip("-").isdigit() and key.count("-") <= 1:
-                layer: Any = int(key)
-            elif isinstance(key, int) and not isinstance(key, bool):
-                layer = key
-            else:
-                raise ValueError(
-                    f"layer {key!r} is not a layer index; use an integer >= 0 (or its digit string, e.g. '8')"
-                )
-            if layer < 0:
-                raise ValueError(f"layer {layer} is negative; layer indices are integers >= 0")
-            if layer in out:
-                raise ValueError(f"layer {layer} appears twice (as {key!r} and as an earlier key)")
-            out[layer] = ratio
-        return out
+    _layer_keys = field_validator("keep_ratio_by_layer", mode="before")(lambda cls, value: layer_index_keys(value))
 
     @field_validator("keep_ratio_by_layer", mode="after")
     @classmethod

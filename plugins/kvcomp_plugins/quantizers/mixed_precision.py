@@ -9,15 +9,17 @@ channels that per-token groups smear over the whole group; values are always per
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from kvcore.config import MAX_TOKEN_COUNT
+from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys
 from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends, native
@@ -107,6 +109,11 @@ class MixedPrecisionConfig(TieredQuantizerConfig):
     b̄ > 4 stores (b̄ - 4)/4 at 8 bit and the rest at 4 bit. 2 bit is never chosen this way,
     since large 2-bit tiers were measured to cost more fidelity than dropping the least
     important tokens; ask for it with explicit fractions.
+
+    ``budget_by_layer`` maps a first layer to a multiplier of the stored fractions from that
+    layer on (layers before the first key keep 1); what it takes away is dropped, what it adds
+    comes from the dropped share. ``{0: 0.5, 8: 1.3, 20: 1.0}`` halves layers 0-7 and gives
+    layers 8-19 30% more, about the same bytes over 30 layers.
     """
 
     frac_8bit: float | None = Field(None, ge=0.0, le=1.0)
@@ -114,6 +121,11 @@ class MixedPrecisionConfig(TieredQuantizerConfig):
     frac_2bit: float | None = Field(None, ge=0.0, le=1.0)
     frac_drop: float | None = Field(None, ge=0.0, le=1.0)
     avg_bits: float | None = Field(None, ge=0.0, le=8.0)
+    budget_by_layer: dict[int, float] | None = Field(
+        None, description="first layer -> multiplier of the stored fractions from that layer on (the rest is dropped)"
+    )
+
+    _budget_keys = field_validator("budget_by_layer", mode="before")(lambda cls, value: layer_index_keys(value))
 
     @model_validator(mode="after")
     def _check_fractions(self) -> "MixedPrecisionConfig":
@@ -126,7 +138,24 @@ class MixedPrecisionConfig(TieredQuantizerConfig):
                 f"frac_8bit + frac_4bit + frac_2bit + frac_drop must sum to 1 (unset ones count as 0), "
                 f"got {given} summing to {total:.6g}"
             )
+        stored = sum(frac for _, frac in self.tier_fractions())
+        for layer, factor in sorted((self.budget_by_layer or {}).items()):
+            if not (math.isfinite(factor) and factor >= 0.0):
+                raise ValueError(f"budget_by_layer: layer {layer} has multiplier {factor}; multipliers are finite and >= 0")
+            if factor * stored > 1.0 + 1e-6:
+                raise ValueError(
+                    f"budget_by_layer: layer {layer} multiplies the stored fraction {stored:.4g} by {factor}, "
+                    f"more than every candidate token; use at most {1.0 / stored:.4g}"
+                )
         return self
+
+    def budget_at(self, layer_idx: int) -> float:
+        """The multiplier of the stored fractions at ``layer_idx`` (1 without ``budget_by_layer``)."""
+        factor = 1.0
+        for layer, value in sorted((self.budget_by_layer or {}).items()):
+            if layer <= layer_idx:
+                factor = value
+        return factor
 
     def tier_fractions(self) -> tuple[tuple[int, float], ...]:
         if self.avg_bits is not None:
@@ -158,9 +187,24 @@ class MixedPrecisionQuantizer:
         # Decode staging buffers, shared by the layers of the model this quantizer serves (one
         # layer attends at a time; not for concurrent use from several threads).
         self._scratch = attend.Scratch()
+        self._scaled: dict[float, MixedPrecisionQuantizer] = {}  # for_layer's copies, by multiplier
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+    def for_layer(self, layer_idx: int) -> "MixedPrecisionQuantizer":
+        """This quantizer as it compresses layer ``layer_idx`` (:class:`kvcore.protocols.LayerwiseQuantizer`):
+        itself, or with its stored fractions scaled by the config's ``budget_by_layer``. The
+        copies share everything else (decode buffers included) and are made once per multiplier."""
+        budget_at = getattr(self.config, "budget_at", None)
+        factor = budget_at(layer_idx) if budget_at is not None else 1.0
+        if factor == 1.0:
+            return self
+        if factor not in self._scaled:
+            clone = copy.copy(self)
+            clone.tier_fractions = tuple((bits, frac * factor) for bits, frac in self.tier_fractions)
+            self._scaled[factor] = clone
+        return self._scaled[factor]
 
     def compress(
         self, keys: Tensor, values: Tensor, positions: Tensor, scores: Tensor | None, protected: Tensor
@@ -288,8 +332,15 @@ class MixedPrecisionQuantizer:
         ]
 
     def check_model(self, *, num_layers: int, head_dim: int) -> None:
-        """Refuse a model whose ``head_dim`` the groups or the packing cannot split (before prefill)."""
+        """Refuse a model whose ``head_dim`` the groups or the packing cannot split, or a
+        ``budget_by_layer`` naming a layer it does not have (before prefill)."""
         self._check_head_dim((1, 1, 1, head_dim), self._bits_used())
+        too_deep = [layer for layer in getattr(self.config, "budget_by_layer", None) or {} if layer >= num_layers]
+        if too_deep:
+            raise ValueError(
+                f"quantizer.budget_by_layer names layer(s) {too_deep}, but the model has {num_layers} layers; "
+                f"use indices 0..{num_layers - 1}"
+            )
 
     def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
         group = self.config.group_for(shape[-1])
