@@ -336,6 +336,25 @@ def test_longbench_suite_runs_and_a_bad_row_is_named_without_losing_results(tiny
     assert (out / "results.jsonl").read_bytes() == before
 
 
+def test_the_same_data_folder_spelt_with_dots_resumes_the_run(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    data = _longbench_dir(tmp_path / "lb")
+    (tmp_path / "work").mkdir()
+    out = tmp_path / "run"
+    args = ["bench", "--preset", "default", "--suite", "longbench:qasper", "--limit", "1", "--max-new-tokens", "2",
+            "--model", str(tiny_model_dir), "--out", str(out), "--no-progress"]
+    monkeypatch.chdir(tmp_path / "work")
+    assert main([*args, "--data-dir", "../lb"]) == 0
+    assert json.loads((out / "run.json").read_text())["identity"]["suite"]["data_dir"] == str(data)
+    # A folder written before paths were normalised kept the dots; both spellings are one folder.
+    run = json.loads((out / "run.json").read_text())
+    run["identity"]["suite"]["data_dir"] = str(tmp_path / "work" / ".." / "lb")
+    (out / "run.json").write_text(json.dumps(run))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(data)]) == 0
+    assert "2 rows already" in capsys.readouterr().err
+
+
 def test_min_prompt_tokens_keeps_only_long_enough_rows(tiny_model_dir, tmp_path):
     folder = tmp_path / "lb"
     folder.mkdir()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvcore.config import CompressionConfig
+from kvcomp_eval.runs.suite import normalised_dir
 
 if TYPE_CHECKING:
     from kvcomp_eval.peers.methods import PeerMethod
@@ -173,7 +174,7 @@ def check_run_dir(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, Any] 
     old = stored.get("identity", {})
     diffs = []
     for section in sorted(set(old) | set(identity)):
-        a, b = old.get(section), identity.get(section)
+        a, b = _dirs_normalised(old.get(section)), _dirs_normalised(identity.get(section))
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -187,6 +188,14 @@ def check_run_dir(out_dir: Path, identity: Mapping[str, Any]) -> dict[str, Any] 
             + "\nUse another --out folder (or delete this one)."
         )
     return stored
+
+
+def _dirs_normalised(section: Any) -> Any:
+    """A section of a run's identity with its folder fields (``*_dir``) in one spelling: folders
+    written by older releases kept ``..`` in them (``/a/main/../data``)."""
+    if not isinstance(section, dict):
+        return section
+    return {k: normalised_dir(v) if k.endswith("_dir") and isinstance(v, str) else v for k, v in section.items()}
 
 
 def load_run_info(out_dir: Path) -> dict[str, Any]:

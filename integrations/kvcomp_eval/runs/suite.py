@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 
 
 # -- the suite ------------------------------------------------------------------------------------
+def normalised_dir(path: str | Path) -> str:
+    """``path`` absolute, ``~`` expanded and ``..`` folded (``/a/main/../data`` is ``/a/data``): one
+    spelling per folder, whichever folder the command ran from. Symlinks are left as they are."""
+    return os.path.normpath(Path(path).expanduser().absolute())
+
+
 class BenchSuite(BaseModel):
     """What the benchmark runs: one synthetic probe, or LongBench tasks.
 
@@ -107,7 +114,7 @@ class BenchSuite(BaseModel):
                 data[key] = tuple(data[key])
         for key in ("haystack_dir", "data_dir"):
             if key in data:  # absolute, so a rerun from another folder is recognised as the same run
-                data[key] = str(Path(data[key]).expanduser().absolute())
+                data[key] = normalised_dir(data[key])
         try:
             return cls(kind=kind, tasks=tasks, **data)
         except ValidationError as exc:
