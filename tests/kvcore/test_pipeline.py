@@ -134,10 +134,20 @@ def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loadin
         pipe.set_config({"scorer": "snapkv"})
 
 
+# The presets' per-layer schedules name layers of a 30-layer model; the test model has 4.
+FOUR_LAYERS = {
+    "fast": {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0},
+    "tiny": {"quantizer.budget_by_layer": {0: 0.5, 1: 1.3, 3: 1.0}},
+}
+
+
+def _preset(name: str) -> CompressionConfig:
+    return CompressionConfig.from_preset(name).with_overrides(FOUR_LAYERS.get(name, {}))
+
+
 @pytest.mark.parametrize("preset", ["default", "compact", "fast", "tiny"])
 def test_a_one_token_prompt_simply_works(pipe, preset):
-    overrides = {"propagator.keep_ratio_by_layer": {1: 0.5}} if preset == "fast" else {}  # the tiny model has 4 layers
-    pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
+    pipe.set_config(_preset(preset))
     result = pipe.generate("h", max_new_tokens=3)
     assert result.prompt_tokens == 1 and len(result.token_ids) >= 1
     assert result.tokens_kept_per_layer == [1 + len(result.token_ids) - 1] * 4
@@ -172,8 +182,7 @@ BATCH = [
 
 @pytest.mark.parametrize("preset", ["full", "default", "lossless8", "fast", "tiny"])
 def test_a_batch_gives_each_prompt_what_it_gets_alone(pipe, preset):
-    overrides = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0} if preset == "fast" else {}
-    pipe.set_config(CompressionConfig.from_preset(preset).with_overrides(overrides))
+    pipe.set_config(_preset(preset))
     prompts = [p for p, _ in BATCH]
     spans = [None if q is None else (p.rindex(q), len(p)) for p, q in BATCH]
     batch = pipe.generate_batch(prompts, question_spans=spans, max_new_tokens=8)
