@@ -103,6 +103,16 @@ def test_uniform_bytes_drops_tokens_when_no_width_fits_whole():
     assert q["frac_8bit"] == pytest.approx(0.7, abs=2e-3) and q["frac_drop"] == pytest.approx(0.3, abs=2e-3)
 
 
+def test_a_base_with_layer_budgets_gets_flat_single_tier_variants():
+    base = CompressionConfig.from_preset("tiny")  # budget_by_layer {0: 0.5, 8: 1.3, 20: 1.0}
+    variants = {v.name: v for v in derive_ablation_variants("tiny", base, fake_kv_bytes)}
+    for name in ("uniform-bytes", "evict-only"):
+        if variants[name].config is not None:
+            params = variants[name].config.resolved().quantizer.params
+            assert params.get("budget_by_layer") is None, name
+    assert base.resolved().quantizer.params["budget_by_layer"] == {0: 0.5, 8: 1.3, 20: 1.0}
+
+
 def test_variants_equal_to_the_base_are_not_run_twice():
     base = CompressionConfig.from_preset("default")  # scores with alpha only and propagates nothing
     variants = {v.name: v for v in derive_ablation_variants("default", base, fake_kv_bytes)}

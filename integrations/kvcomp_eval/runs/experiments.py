@@ -51,7 +51,10 @@ ABLATION_VARIANTS = (
 MATCH_TOLERANCE = 0.05
 """A uniform width that keeps every token counts as 'equal bytes' within this relative gap."""
 
-_TIER_FIELDS = ("frac_8bit", "frac_4bit", "frac_2bit", "frac_drop", "avg_bits", "bits")
+# What decides which tokens go to which width. Single-tier variants replace all of it: they are
+# flat references (the same share stored in every layer), so a base's budget_by_layer is not
+# carried over (uniform has no such field, and a kept share near 1 could not take a multiplier).
+_TIER_FIELDS = ("frac_8bit", "frac_4bit", "frac_2bit", "frac_drop", "avg_bits", "bits", "budget_by_layer")
 _TIERED = ("mixed_precision", "uniform")
 
 
