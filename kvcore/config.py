@@ -54,6 +54,16 @@ def layer_index_keys(value: Any) -> Any:
     return out
 
 
+def refuse_missing_layers(field: str, layers: Any, num_layers: int) -> None:
+    """Raise ``ValueError`` if the per-layer ``field`` (its keys ``layers``) names a layer index
+    the model's ``num_layers`` do not reach; for components' ``check_model``."""
+    too_deep = [layer for layer in layers if layer >= num_layers]
+    if too_deep:
+        raise ValueError(
+            f"{field} names layer(s) {too_deep}, but the model has {num_layers} layers; use indices 0..{num_layers - 1}"
+        )
+
+
 class ConfigError(ValueError):
     """A configuration file or preset could not be read or validated."""
 
@@ -230,4 +240,5 @@ __all__ = [
     "layer_index_keys",
     "load_config",
     "preset_names",
+    "refuse_missing_layers",
 ]

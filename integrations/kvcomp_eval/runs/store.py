@@ -46,9 +46,8 @@ def config_hash(config: CompressionConfig) -> str:
     """
     data = config.resolved().to_dict()
     data.pop("description", None)
-    for kind in ("scorer", "quantizer", "propagator"):
-        if isinstance(data.get(kind), dict):
-            data[kind] = {key: value for key, value in data[kind].items() if value is not None}
+    for kind in config.sections():
+        data[kind] = {key: value for key, value in data[kind].items() if value is not None}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys
+from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys, refuse_missing_layers
 from kvcore.types import PADDING_POSITION
 
 _TIER_PROTECTED, _TIER_REAL, _TIER_PADDING, _TIER_SURPLUS = 3, 2, 1, 0
@@ -92,12 +92,7 @@ class SelectivePropagator:
 
     def check_model(self, *, num_layers: int, head_dim: int) -> None:
         """Refuse a schedule naming a layer the model does not have (called before any prefill)."""
-        too_deep = [layer for layer in self.config.keep_ratio_by_layer if layer >= num_layers]
-        if too_deep:
-            raise ValueError(
-                f"propagator.keep_ratio_by_layer names layer(s) {too_deep}, but the model has {num_layers} "
-                f"layers; use indices 0..{num_layers - 1}"
-            )
+        refuse_missing_layers("propagator.keep_ratio_by_layer", self.config.keep_ratio_by_layer, num_layers)
 
     def acts_after(self, layer_idx: int) -> bool:
         """True if the schedule names ``layer_idx``."""

@@ -19,7 +19,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys
+from kvcore.config import MAX_TOKEN_COUNT, layer_index_keys, refuse_missing_layers
 from kvcore.decode_attention import DensePart
 from kvcore.types import CompressedLayer, KVTier, QuantizedTensor
 from kvcomp_plugins.quantizers import attend, backends, native
@@ -87,6 +87,10 @@ class TieredQuantizerConfig(BaseModel):
     def tier_fractions(self) -> tuple[tuple[int, float], ...]:
         """``(bits, fraction of candidates)`` per tier, highest precision first."""
         raise NotImplementedError
+
+    def budget_at(self, layer_idx: int) -> float:
+        """The multiplier of the stored fractions at ``layer_idx``: 1 unless a subclass schedules budgets."""
+        return 1.0
 
     def group_for(self, head_dim: int) -> int:
         """The group size used on a model with ``head_dim`` channels per head: ``min(G, head_dim)``.
@@ -196,8 +200,7 @@ class MixedPrecisionQuantizer:
         """This quantizer as it compresses layer ``layer_idx`` (:class:`kvcore.protocols.LayerwiseQuantizer`):
         itself, or with its stored fractions scaled by the config's ``budget_by_layer``. The
         copies share everything else (decode buffers included) and are made once per multiplier."""
-        budget_at = getattr(self.config, "budget_at", None)
-        factor = budget_at(layer_idx) if budget_at is not None else 1.0
+        factor = self.config.budget_at(layer_idx)
         if factor == 1.0:
             return self
         if factor not in self._scaled:
@@ -335,12 +338,7 @@ class MixedPrecisionQuantizer:
         """Refuse a model whose ``head_dim`` the groups or the packing cannot split, or a
         ``budget_by_layer`` naming a layer it does not have (before prefill)."""
         self._check_head_dim((1, 1, 1, head_dim), self._bits_used())
-        too_deep = [layer for layer in getattr(self.config, "budget_by_layer", None) or {} if layer >= num_layers]
-        if too_deep:
-            raise ValueError(
-                f"quantizer.budget_by_layer names layer(s) {too_deep}, but the model has {num_layers} layers; "
-                f"use indices 0..{num_layers - 1}"
-            )
+        refuse_missing_layers("quantizer.budget_by_layer", getattr(self.config, "budget_by_layer", None) or {}, num_layers)
 
     def _check_head_dim(self, shape: tuple[int, ...], bits_used: list[int]) -> None:
         group = self.config.group_for(shape[-1])
