@@ -22,7 +22,7 @@ from kvcore.accounting import kv_bytes_fp16
 from kvcore.batching import cat_quantized, stack_rows
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.protocols import Quantizer, TierAttention
-from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, tensor_bytes
+from kvcore.types import PADDING_POSITION, CompressedLayer, KVTier, narrow_positions, tensor_bytes
 
 DENSE_SPARE_TOKENS = 8
 """Free token slots the dense store keeps at most (they are held, so they count in ``kv_bytes``):
@@ -60,7 +60,8 @@ class CompressedKVLayer(CacheLayerMixin):
 
         ``next_position`` is int64 ``[B]``: the position the first generated token will get.
         """
-        self.compressed = compressed
+        # Every prompt position is below n_prompt (padding is -1).
+        self.compressed = dataclasses.replace(compressed, tiers=[narrow_positions(t, n_prompt) for t in compressed.tiers])
         self.seen_tokens = n_prompt
         self.next_position = next_position.clone()
         self.device = compressed.residual_keys.device
@@ -176,6 +177,7 @@ class CompressedKVLayer(CacheLayerMixin):
         self._refresh_residual_views()
 
     def _add_flushed(self, tier: KVTier) -> None:
+        tier = narrow_positions(tier, self.seen_tokens)  # a decoded token's position is below seen_tokens
         if self.flushed and _can_extend(self.flushed[-1], tier):
             self.flushed[-1] = _concat_tiers(self.flushed[-1], tier)
         else:

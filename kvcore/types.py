@@ -8,6 +8,7 @@ storage tier. Positions are *original* prompt positions (what RoPE saw); ``-1`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -152,7 +153,9 @@ class KVTier:
     """The tokens one precision tier stores for one layer.
 
     Every KV head stores the same *number* of tokens (different tokens), so tensors are regular.
-    ``positions`` is int32 ``[B, H_kv, n]``: the original position of each stored token.
+    ``positions`` is ``[B, H_kv, n]``: the original position of each stored token, int32 from a
+    quantizer, int16 once a cache holds it and every position it can have fits
+    (:func:`narrow_positions`).
     """
 
     bits: int
@@ -167,6 +170,21 @@ class KVTier:
     @property
     def n_tokens(self) -> int:
         return self.positions.shape[-1]
+
+
+POSITION_INT16_LIMIT = torch.iinfo(torch.int16).max
+"""Caches whose positions stay below this store their tiers' positions as int16."""
+
+
+def narrow_positions(tier: KVTier, bound: int) -> KVTier:
+    """``tier`` with int16 positions when every position is ``< bound <= 32767``, else unchanged.
+
+    A position costs 4 bytes per stored token and KV head as int32, a few percent of a 2- or
+    4-bit token's bytes; prompts and generations up to 32k tokens need no more than 2.
+    """
+    if bound > POSITION_INT16_LIMIT or tier.positions.dtype == torch.int16:
+        return tier
+    return dataclasses.replace(tier, positions=tier.positions.to(torch.int16))
 
 
 @dataclass

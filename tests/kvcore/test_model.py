@@ -482,3 +482,52 @@ def test_only_prefilled_caches_of_one_config_stack(model_pair):
             CompressedKVCache.stack([b, other])
     finally:
         ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_a_cache_stores_tier_positions_as_int16_and_counts_two_bytes_each(model_pair):
+    ours, _ = model_pair
+    ours.set_compression(_config("default", **{"quantizer.residual_length": 8, "quantizer.flush_tokens": 4}))
+    out = ours(input_ids=_ids(150))
+    cache = out.cache
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(12):
+        out = ours(input_ids=token, cache=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for i in range(4):
+        layer = cache.layer(i)
+        prompt_positions = torch.cat([t.positions for t in layer.compressed.tiers], dim=-1)
+        assert prompt_positions.dtype == torch.int16
+        # Each head stores distinct prompt positions, all of them real ones.
+        assert all(len(set(row.tolist())) == row.numel() for row in prompt_positions[0])
+        assert int(prompt_positions.min()) >= 0 and int(prompt_positions.max()) < 150
+        (flushed,) = layer.flushed
+        assert flushed.positions.dtype == torch.int16
+        assert flushed.positions[0, 0].tolist() == list(range(150, 150 + flushed.n_tokens))
+    assert cache.kv_bytes == sum(tensor_bytes(t) for t in _stored_tensors(cache))
+    ours.set_compression(CompressionConfig())
+
+
+@torch.no_grad()
+def test_decoded_positions_past_int16_are_stored_as_int32():
+    """A flush at position 32766 still fits int16; the next one does not, and joining the two
+    keeps every position (the tier becomes int32)."""
+    from kvcomp_plugins.quantizers.mixed_precision import MixedPrecisionQuantizer
+
+    quantizer = MixedPrecisionQuantizer(
+        group_size=4, residual_length=0, flush_tokens=1, flush_key_mode="token", frac_8bit=0.0, frac_4bit=0.5,
+        frac_2bit=0.0, frac_drop=0.5,
+    )
+    n, start = 16, 32766 - 16
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+    positions = torch.arange(start, start + n).unsqueeze(0)
+    layer = CompressedKVCache(1, quantizer).layer(0)
+    compressed = quantizer.compress(keys, values, positions, torch.rand(1, 2, n, generator=g), torch.zeros(1, n, dtype=torch.bool))
+    layer.store_prefill(compressed, n_prompt=start + n, next_position=torch.tensor([start + n]))
+    assert layer.compressed.tiers[0].positions.dtype == torch.int16
+    for _ in range(3):  # decoded tokens at 32766, 32767, 32768; the first two get flushed
+        layer.update(torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g))
+    (flushed,) = layer.flushed
+    assert flushed.positions.dtype == torch.int32
+    assert flushed.positions[0, 0].tolist() == [32766, 32767]
