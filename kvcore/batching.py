@@ -26,10 +26,11 @@ def stack_rows(layers: list[CompressedLayer]) -> CompressedLayer:
     ``dropped_tokens`` becomes the most any row dropped.
     """
     n_res = max(layer.residual_positions.shape[-1] for layer in layers)
-    bits_used = sorted({tier.bits for layer in layers for tier in layer.tiers}, reverse=True)
+    keyed = [_tiers_by_width(layer) for layer in layers]
     tiers = []
-    for bits in bits_used:
-        rows = [next((t for t in layer.tiers if t.bits == bits), None) for layer in layers]
+    for key in sorted({key for row in keyed for key in row}, key=lambda k: (-k[0], k[1])):
+        bits = key[0]
+        rows = [row.get(key) for row in keyed]
         model = next(t for t in rows if t is not None)
         n = max(t.n_tokens for t in rows if t is not None)
         padded = [_pad_tier(t if t is not None else _empty_tier(model), n) for t in rows]
@@ -50,6 +51,20 @@ def stack_rows(layers: list[CompressedLayer]) -> CompressedLayer:
         ),
         dropped_tokens=max(layer.dropped_tokens for layer in layers),
     )
+
+
+def _tiers_by_width(layer: CompressedLayer) -> dict[tuple[int, int], KVTier]:
+    """A layer's tiers keyed ``(bits, how many tiers of that width came before)``.
+
+    A layer can hold two tiers of one width (protected tokens stored at a width a context tier
+    also has); each is stacked with the rows' tiers of the same key, none is lost.
+    """
+    seen: dict[int, int] = {}
+    keyed = {}
+    for tier in layer.tiers:
+        keyed[(tier.bits, seen.get(tier.bits, 0))] = tier
+        seen[tier.bits] = seen.get(tier.bits, 0) + 1
+    return keyed
 
 
 def _pad_tokens(x: Tensor, n: int, fill: int) -> Tensor:

@@ -137,7 +137,7 @@ def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loadin
 # The presets' per-layer schedules name layers of a 30-layer model; the test model has 4.
 FOUR_LAYERS = {
     "fast": {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0},
-    "tiny": {"quantizer.budget_by_layer": {0: 0.5, 1: 1.3, 3: 1.0}},
+    "tiny": {"quantizer.budget_by_layer": {0: 0.25, 1: 1.4, 3: 1.0}},
 }
 
 
@@ -183,6 +183,20 @@ BATCH = [
 @pytest.mark.parametrize("preset", ["full", "default", "lossless8", "fast", "tiny"])
 def test_a_batch_gives_each_prompt_what_it_gets_alone(pipe, preset):
     pipe.set_config(_preset(preset))
+    _assert_batch_rows_match_single_runs(pipe)
+
+
+def test_a_batch_keeps_both_tiers_of_one_width(pipe):
+    """Protected tokens stored at 4 bit beside a 4-bit context tier: stacking the rows keeps both
+    tiers (matching tiers by width alone once dropped the second)."""
+    config = CompressionConfig.from_preset("default").with_overrides(
+        {"quantizer.protected_bits": 4, "quantizer.residual_length": 0}
+    )
+    pipe.set_config(config)
+    _assert_batch_rows_match_single_runs(pipe)
+
+
+def _assert_batch_rows_match_single_runs(pipe: KVCompPipeline) -> None:
     prompts = [p for p, _ in BATCH]
     spans = [None if q is None else (p.rindex(q), len(p)) for p, q in BATCH]
     batch = pipe.generate_batch(prompts, question_spans=spans, max_new_tokens=8)
