@@ -104,13 +104,13 @@ def test_uniform_bytes_drops_tokens_when_no_width_fits_whole():
 
 
 def test_a_base_with_layer_budgets_gets_flat_single_tier_variants():
-    base = CompressionConfig.from_preset("tiny")  # budget_by_layer {0: 0.5, 8: 1.3, 20: 1.0}
+    base = CompressionConfig.from_preset("tiny")  # budget_by_layer {0: 0.25, 8: 1.4, 20: 1.0}
     variants = {v.name: v for v in derive_ablation_variants("tiny", base, fake_kv_bytes)}
     for name in ("uniform-bytes", "evict-only"):
         assert variants[name].config is not None, name
         params = variants[name].config.resolved().quantizer.params
         assert params.get("budget_by_layer") is None, name
-    assert base.resolved().quantizer.params["budget_by_layer"] == {0: 0.5, 8: 1.3, 20: 1.0}
+    assert base.resolved().quantizer.params["budget_by_layer"] == {0: 0.25, 8: 1.4, 20: 1.0}
 
 
 def test_variants_equal_to_the_base_are_not_run_twice():
