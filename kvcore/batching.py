@@ -59,11 +59,9 @@ def _tiers_by_width(layer: CompressedLayer) -> dict[tuple[int, int], KVTier]:
     A layer can hold two tiers of one width (protected tokens stored at a width a context tier
     also has); each is stacked with the rows' tiers of the same key, none is lost.
     """
-    seen: dict[int, int] = {}
-    keyed = {}
+    keyed: dict[tuple[int, int], KVTier] = {}
     for tier in layer.tiers:
-        keyed[(tier.bits, seen.get(tier.bits, 0))] = tier
-        seen[tier.bits] = seen.get(tier.bits, 0) + 1
+        keyed[(tier.bits, sum(bits == tier.bits for bits, _ in keyed))] = tier
     return keyed
 
 

@@ -191,18 +191,23 @@ def _stored_tensors(cache: CompressedKVCache):
             yield from (tier.values.packed, tier.values.scale, tier.values.zero)
 
 
+def _prefill_and_decode(model, n_prompt: int, steps: int) -> CompressedKVCache:
+    """The cache after a random ``n_prompt``-token prompt and ``steps`` greedy decode steps."""
+    out = model(input_ids=_ids(n_prompt))
+    cache = out.cache
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+    return cache
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("group_size, flushed_tiers", [(4, 1), (32, 3)])
 def test_cache_bytes_are_the_tensors_nbytes_and_decode_flushes_into_tiers(model_pair, group_size, flushed_tiers):
     ours, _ = model_pair
     overrides = {"quantizer.residual_length": 8, "quantizer.flush_tokens": 4, "quantizer.group_size": group_size}
     ours.set_compression(_config("default", **overrides))
-    out = ours(input_ids=_ids(150))
-    cache = out.cache
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(20):
-        out = ours(input_ids=token, cache=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    cache = _prefill_and_decode(ours, n_prompt=150, steps=20)
     assert cache.get_seq_length() == 170
     flushed = [sum(t.n_tokens for t in cache.layer(i).flushed) for i in range(4)]
     assert flushed == [12] * 4, "generated tokens past R + flush - 1 were quantised, 4 at a time"
@@ -488,12 +493,7 @@ def test_only_prefilled_caches_of_one_config_stack(model_pair):
 def test_a_cache_stores_tier_positions_as_int16_and_counts_two_bytes_each(model_pair):
     ours, _ = model_pair
     ours.set_compression(_config("default", **{"quantizer.residual_length": 8, "quantizer.flush_tokens": 4}))
-    out = ours(input_ids=_ids(150))
-    cache = out.cache
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(12):
-        out = ours(input_ids=token, cache=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    cache = _prefill_and_decode(ours, n_prompt=150, steps=12)
     for i in range(4):
         layer = cache.layer(i)
         prompt_positions = torch.cat([t.positions for t in layer.compressed.tiers], dim=-1)
