@@ -7,7 +7,7 @@ Usage::
 Runs each preset on one built-in passkey prompt per length (seed 3, fact at half depth), greedily
 generates 12 tokens, and prints the cache's bytes over an fp16 cache of the same tokens, the
 bytes the same tiers would take with int32 positions, and the share int16 positions save.
-Presets may also be config files (``.yaml``/``.json``).
+Presets may also be config files (``.yaml``/``.json``, named by their stem).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from kvcore.config import load_config
+from bench_decode import resolve_configs
 from kvcore.pipeline import KVCompPipeline
 from kvcomp_eval.data.probes import build_probe
 
@@ -26,10 +26,15 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,default,compact,hifi")
     parser.add_argument("--lengths", default="500,2000")
     args = parser.parse_args()
+    try:  # presets and files checked before the model loads
+        configs = resolve_configs(args.presets.split(","))
+    except ValueError as exc:
+        parser.error(str(exc))
+    if any(config is None for config in configs.values()):
+        parser.error("stock transformers stores no positions; name presets or config files")
     pipe = KVCompPipeline.from_pretrained(config="full")
-    for name in args.presets.split(","):
-        is_file = name.endswith((".yaml", ".yml", ".json"))
-        pipe.set_config(load_config(config_file=name) if is_file else load_config(preset=name))
+    for name, config in configs.items():
+        pipe.set_config(config)
         for length in (int(x) for x in args.lengths.split(",")):
             ex = build_probe("passkey", pipe.tokenizer, length, 0.5, index=0, seed=3)
             ids, window = pipe.encode(ex.prompt, ex.question_span)
