@@ -93,6 +93,7 @@ def test_config_show_names_a_folder_given_as_config(capsys, files) -> None:
         ("quantizer.flush_tokens", 10**9),
         ("quantizer.group_size", 10**6),
         ("propagator.min_keep_tokens", 10**12),
+        ("propagator.keep_first_tokens", 10**12),
     ],
 )
 def test_token_counts_past_any_context_are_refused_naming_the_field(field, value) -> None:

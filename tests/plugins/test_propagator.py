@@ -167,6 +167,21 @@ def test_min_keep_tokens_leaves_short_prompts_whole_and_floors_long_ones() -> No
         get_registry().create("propagator", "selective", {"keep_ratio_by_layer": {1: 0.5}, "min_keep_tokens": -1})
 
 
+def test_keep_first_tokens_keeps_the_prompt_start_by_position_whatever_the_scores() -> None:
+    prop = get_registry().create("propagator", "selective", {"keep_ratio_by_layer": {1: 0.5}, "keep_first_tokens": 6})
+    scores, positions, protected = make_inputs(2, 20, pad=[0, 4], window=2, n_sink=0)
+    scores[:, :, :10] = -1.0  # the start scores lowest everywhere: only its positions keep it
+    keep = prop.select(1, scores, positions, protected, 20)
+    assert keep is not None and keep.shape == (2, 10)
+    for row in range(2):  # positions 0-5, wherever the row's padding puts them
+        assert set(range(6)) <= set(positions[row, keep[row]].tolist()), row
+    # Without the option the same scores drop the start (the other tokens outscore it).
+    plain = make_propagator({1: 0.5}).select(1, scores, positions, protected, 20)
+    assert not set(range(6)) & set(positions[0, plain[0]].tolist())
+    with pytest.raises(ComponentError, match=r"propagator\.keep_first_tokens"):
+        get_registry().create("propagator", "selective", {"keep_ratio_by_layer": {1: 0.5}, "keep_first_tokens": -1})
+
+
 def test_bad_shapes_are_refused() -> None:
     scores, positions, protected = make_inputs(2, 10)
     prop = make_propagator({0: 0.5})
