@@ -14,8 +14,13 @@ from kvcore.types import tensor_bytes
 
 from tiny_models import tiny_config
 
-# The presets never thin prompts below 512 tokens; the tiny test prompts are shorter.
-PROPAGATE = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, "propagator.min_keep_tokens": 0}
+# The presets never thin prompts below 512 tokens and always keep their first 128; the tiny test
+# prompts are shorter, so both are off here and the counts follow the schedule alone.
+PROPAGATE = {
+    "propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25},
+    "propagator.min_keep_tokens": 0,
+    "propagator.keep_first_tokens": 0,
+}
 
 
 def _config(preset: str, **overrides) -> CompressionConfig:
