@@ -130,7 +130,9 @@ class SelectivePropagator:
         Args:
             scores: importance ``[B, H_kv, N]`` (``None``: prefer recent tokens).
             positions: original positions ``[B, N]`` int64, ``-1`` for padding.
-            protected: ``[B, N]`` bool, tokens that always continue (sinks, prompt window).
+            protected: ``[B, N]`` bool, tokens that always continue (sinks, prompt window). In a
+                batch each row's last token must be among them (the model's prompt window always
+                holds it): a row's length is read as its last kept position + 1.
             n_original: prompt length before any propagation; the ratios refer to it.
 
         Returns:
