@@ -80,14 +80,17 @@ def random_prompts(vocab: int, lengths: list[int], seed: int) -> dict[int, tuple
     return {n: (torch.randint(0, vocab, (1, n), generator=gen), None) for n in lengths}
 
 
-def resolve_configs(names: list[str]) -> dict[str, CompressionConfig | None]:
+def resolve_configs(names: list[str], *, baseline: bool = True) -> dict[str, CompressionConfig | None]:
     """``--configs`` as ``{table name: config}``: ``transformers`` (``None``), a preset name, or a
-    YAML/JSON file named by its stem. Raises ``ValueError`` naming what is neither."""
+    YAML/JSON file named by its stem. Raises ``ValueError`` naming what is neither, and naming
+    ``transformers`` where ``baseline`` is false (scripts that need a compression config)."""
     out: dict[str, CompressionConfig | None] = {}
     unknown = []
     for name in names:
         path = Path(name)
         if name == BASELINE:
+            if not baseline:
+                raise ValueError(f"{BASELINE!r} (stock transformers) has no compression config here; name presets or config files")
             key, config = name, None
         elif name in preset_names():
             key, config = name, CompressionConfig.from_preset(name)
@@ -105,7 +108,7 @@ def resolve_configs(names: list[str]) -> dict[str, CompressionConfig | None]:
         out[key] = config
     if unknown:
         raise ValueError(
-            f"unknown config(s) {unknown}; use {BASELINE!r}, a preset ({', '.join(preset_names())}) "
+            f"unknown config(s) {unknown}; use {f'{BASELINE!r}, ' if baseline else ''}a preset ({', '.join(preset_names())}) "
             "or a .yaml/.json config file"
         )
     return out

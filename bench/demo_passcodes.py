@@ -32,13 +32,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0-15", help="a seed or an inclusive range, e.g. 0-15")
     args = parser.parse_args()
     try:  # configs, sentence counts and seeds checked before the model loads
-        configs = resolve_configs(args.configs.split(","))
+        configs = resolve_configs(args.configs.split(","), baseline=False)
         sentences = [int(n) for n in args.sentences.split(",")]
         seeds = _seeds(args.seeds)
     except ValueError as exc:
         parser.error(str(exc))
-    if None in configs.values():
-        parser.error("'transformers' has no compression config here; name presets or files")
     pipe = KVCompPipeline.from_pretrained(config="full")
     hits = {(name, n): 0 for name in configs for n in sentences}
     for n in sentences:

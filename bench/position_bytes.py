@@ -27,11 +27,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="500,2000")
     args = parser.parse_args()
     try:  # presets and files checked before the model loads
-        configs = resolve_configs(args.presets.split(","))
+        configs = resolve_configs(args.presets.split(","), baseline=False)
     except ValueError as exc:
         parser.error(str(exc))
-    if any(config is None for config in configs.values()):
-        parser.error("stock transformers stores no positions; name presets or config files")
     pipe = KVCompPipeline.from_pretrained(config="full")
     for name, config in configs.items():
         pipe.set_config(config)

@@ -61,3 +61,13 @@ def test_a_bad_config_file_is_named(tmp_path: Path) -> None:
     config.write_text("quantizer: {name: mixed_precision, frac_8bit: 2}\n")
     proc = _run("--shape", "tiny", "--configs", "full", str(config))
     assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "frac_8bit" in proc.stderr, proc.stderr
+
+
+def test_scripts_that_need_a_compression_config_refuse_the_baseline_before_any_model_loads() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "demo_passcodes.py"), "--configs", "fast,transformers"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "'transformers' (stock transformers) has no compression config here" in proc.stderr
+    assert "Loading" not in proc.stderr
