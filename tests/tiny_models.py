@@ -15,6 +15,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
 
 
+# The presets never thin prompts below 512 tokens and always keep their first 128; test prompts
+# are shorter, so tests that exercise propagation turn both off and follow the schedule alone.
+SHORT_PROMPT_PROPAGATION = {"propagator.min_keep_tokens": 0, "propagator.keep_first_tokens": 0}
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     params = dict(
         vocab_size=98,

@@ -13,11 +13,11 @@ import torch
 from kvcore.config import CompressionConfig
 from kvcore.model import CompressedLlamaForCausalLM
 
-from tiny_models import tiny_config
+from tiny_models import SHORT_PROMPT_PROPAGATION, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-FAST = {"propagator.keep_ratio_by_layer": {1: 0.6, 2: 0.4}, "propagator.min_keep_tokens": 0, "propagator.keep_first_tokens": 0}
+FAST = {"propagator.keep_ratio_by_layer": {1: 0.6, 2: 0.4}, **SHORT_PROMPT_PROPAGATION}
 
 
 def _model(device: str, dtype: torch.dtype) -> CompressedLlamaForCausalLM:

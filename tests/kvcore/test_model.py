@@ -12,15 +12,9 @@ from kvcore.config import CompressionConfig
 from kvcore.model import CompressedLlamaForCausalLM, check_llama_config
 from kvcore.types import tensor_bytes
 
-from tiny_models import tiny_config
+from tiny_models import SHORT_PROMPT_PROPAGATION, tiny_config
 
-# The presets never thin prompts below 512 tokens and always keep their first 128; the tiny test
-# prompts are shorter, so both are off here and the counts follow the schedule alone.
-PROPAGATE = {
-    "propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25},
-    "propagator.min_keep_tokens": 0,
-    "propagator.keep_first_tokens": 0,
-}
+PROPAGATE = {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, **SHORT_PROMPT_PROPAGATION}
 
 
 def _config(preset: str, **overrides) -> CompressionConfig:

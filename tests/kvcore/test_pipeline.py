@@ -8,6 +8,8 @@ import torch
 from kvcore.config import CompressionConfig
 from kvcore.pipeline import KVCompPipeline
 
+from tiny_models import SHORT_PROMPT_PROPAGATION
+
 PROMPT = "the quick brown fox jumps over the lazy dog. " * 10 + "What does the fox do?"
 
 
@@ -136,11 +138,7 @@ def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loadin
 
 # The presets' per-layer schedules name layers of a 30-layer model; the test model has 4.
 FOUR_LAYERS = {
-    "fast": {
-        "propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25},
-        "propagator.min_keep_tokens": 0,
-        "propagator.keep_first_tokens": 0,  # the test prompts are shorter than the preset's 128
-    },
+    "fast": {"propagator.keep_ratio_by_layer": {1: 0.5, 2: 0.25}, **SHORT_PROMPT_PROPAGATION},
     "tiny": {"quantizer.budget_by_layer": {0: 0.25, 1: 1.4, 3: 1.0}},
 }
 
