@@ -1,5 +1,6 @@
 """``bench/bench_decode.py`` on the tiny shape: it runs every config, ratios are against ``full``,
-stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path."""
+stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path; the bench
+scripts that share its config resolver refuse bad arguments before loading a model."""
 
 from __future__ import annotations
 
@@ -70,4 +71,13 @@ def test_scripts_that_need_a_compression_config_refuse_the_baseline_before_any_m
     )
     assert proc.returncode == 2, proc.stderr
     assert "'transformers' (stock transformers) has no compression config here" in proc.stderr
+    assert "Loading" not in proc.stderr
+
+
+def test_prefill_costs_refuses_a_prompt_too_short_before_any_model_loads() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "prefill_costs.py"), "--tokens", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "--tokens must be >= 2" in proc.stderr, proc.stderr
     assert "Loading" not in proc.stderr
