@@ -18,10 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcomp_eval.tune.objective import FidelityObjective, build_prompts, compute_references
+from kvcomp_eval.tune.objective import FidelityObjective, aggregate_kl, build_prompts, compute_references
 from kvcomp_eval.tune.space import SearchSpace, build_trial_config, tier_fractions
 from kvcomp_eval.tune.settings import TuneError, TuneSettings
-from kvcomp_eval.tune.study import check_report_split, open_storage
+from kvcomp_eval.tune.study import _check_study_spec, check_report_split, open_storage
 from kvcore.cli import main
 from kvcore.config import CompressionConfig
 
@@ -133,7 +133,38 @@ def test_interrupted_study_continues(tiny_model_dir: Path, tmp_path: Path, capsy
     args[args.index("--lengths") + 1] = str(LENGTH + 10)
     rc, _, err = tune(capsys, *args)
     assert rc == 2 and "tuned on" in err
+    # So is another way of combining the prompts' KL: the trials' values would not compare.
+    rc, _, err = tune(capsys, *base_args(tiny_model_dir, out, "random", 1), "--kl-aggregate", "median")
+    assert rc == 2 and "kl_aggregate: study has 'mean', this run 'median'" in err
     assert len(read_trials(out)) == 4
+
+
+def test_kl_aggregates_and_what_one_outlying_prompt_does() -> None:
+    # 18 prompts near 0.02 and one at 0.40 against 19 near 0.03: the mean ranks them the other
+    # way round from the trimmed mean and the median (the case docs/tuning.md describes).
+    a = [0.02] * 17 + [0.01, 0.40]
+    b = [0.03] * 17 + [0.025, 0.04]
+    assert aggregate_kl(a) == pytest.approx(sum(a) / 19) and aggregate_kl(a) > aggregate_kl(b)
+    assert aggregate_kl(a, "trimmed") == pytest.approx(0.02) and aggregate_kl(b, "trimmed") == pytest.approx(0.03)
+    assert aggregate_kl(a, "median") == 0.02 and aggregate_kl(b, "median") == 0.03
+    assert aggregate_kl([1.0, 2.0, 4.0, 10.0], "median") == 3.0
+    # Fewer than 10 prompts: nothing to trim.
+    assert aggregate_kl([0.0, 1.0, 5.0], "trimmed") == pytest.approx(2.0)
+    # 20 prompts: 2 cut at each end.
+    assert aggregate_kl([100.0, 100.0] + [1.0] * 16 + [-100.0, -100.0], "trimmed") == 1.0
+    with pytest.raises(ValueError, match="'max'"):
+        aggregate_kl(a, "max")
+    with pytest.raises(ValueError, match="no KL values"):
+        aggregate_kl([])
+
+
+def test_a_study_made_before_kl_aggregate_resumes_with_the_mean() -> None:
+    study = optuna.create_study()
+    spec = {"objectives": "single", "kl_steps": 8}
+    study.set_user_attr("kvcomp_spec", spec)  # what studies recorded before the option existed
+    _check_study_spec(study, {**spec, "kl_aggregate": "mean"})
+    with pytest.raises(TuneError, match="kl_aggregate: study has 'mean', this run 'trimmed'"):
+        _check_study_spec(study, {**spec, "kl_aggregate": "trimmed"})
 
 
 def test_fidelity_objective_is_zero_for_the_uncompressed_model(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -244,6 +275,11 @@ def test_bad_input_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys: pyte
         TuneSettings.create(out_dir=out, trials=0)
     with pytest.raises(TuneError, match="sampler"):
         TuneSettings.create(out_dir=out, sampler="grid")
+    with pytest.raises(TuneError, match="kl_aggregate"):
+        TuneSettings.create(out_dir=out, kl_aggregate="max")
+    with pytest.raises(SystemExit):
+        main(["tune", "--kl-aggregate", "max", "--out", str(out)])
+    assert "invalid choice: 'max'" in capsys.readouterr().err
     with pytest.raises(TuneError):
         open_storage("sqlite:////nonexistent-dir/sub/study.db")
 

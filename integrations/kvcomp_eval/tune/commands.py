@@ -45,6 +45,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         penalty=args.penalty,
         task_weight=args.task_weight,
         kl_steps=args.kl_steps,
+        kl_aggregate=args.kl_aggregate,
         objectives=args.objectives,
         seed=args.seed,
         startup_trials=args.startup_trials,
@@ -124,6 +125,13 @@ def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> No
     p.add_argument("--penalty", type=float, default=10.0, help="nats added per unit of KV fraction over the budget (default: 10)")
     p.add_argument("--task-weight", type=float, default=1.0, help="weight of the task score lost against the uncompressed model (default: 1)")
     p.add_argument("--kl-steps", type=_positive_int, default=8, help="teacher-forced tokens the KL is averaged over (default: 8)")
+    p.add_argument(
+        "--kl-aggregate",
+        choices=("mean", "trimmed", "median"),
+        default="mean",
+        help="how the per-prompt KL values become a trial's KL: mean, trimmed (mean without the highest and "
+        "lowest 10%%) or median (default: mean)",
+    )
     p.add_argument(
         "--objectives", choices=["single", "multi"], default=None, help="default: multi for nsga2, single otherwise"
     )

@@ -113,7 +113,7 @@ def _pareto_markdown(study: "optuna.Study", settings: TuneSettings, chosen: "opt
         f"# Pareto front of study `{study.study_name}`",
         "",
         f"Objectives, both minimised: quality = KL(ref || trial) over the first {settings.kl_steps} teacher-forced "
-        f"tokens + {settings.task_weight} x task score lost; KV fraction = stored KV bytes / fp16 bytes. "
+        f"tokens ({settings.kl_aggregate} over prompts) + {settings.task_weight} x task score lost; KV fraction = stored KV bytes / fp16 bytes. "
         f"best.yaml is the front's trial with the lowest quality + {settings.penalty} x max(0, KV fraction - "
         f"{settings.max_kv_fraction}) (marked *).",
         "",
@@ -140,7 +140,7 @@ def _best_yaml(trial: "optuna.trial.FrozenTrial", settings: TuneSettings, study_
     task = f", task score {a['task_score']:.2f}" if isinstance(a.get("task_score"), float) else ""
     description = (
         f"kvcomp tune: study {study_name}, trial {trial.number} ({settings.sampler}, suite {settings.suite}): "
-        f"KL {a['kl']:.4f} nats over the first {settings.kl_steps} tokens, KV {a['kv_fraction']:.3f} of fp16{task}."
+        f"KL {a['kl']:.4f} nats over the first {settings.kl_steps} tokens ({settings.kl_aggregate} over prompts), KV {a['kv_fraction']:.3f} of fp16{task}."
     )
     config = CompressionConfig.from_dict({**a["config"], "description": description}, source=f"trial {trial.number}")
     return config.resolved().to_yaml()

@@ -10,7 +10,8 @@ Objectives (smaller is better):
 - **quality**: fidelity to the uncompressed model under teacher forcing. The uncompressed
   model runs once per tuning prompt; its greedy tokens are fed back through each trial's
   compressed cache (:meth:`KVCompPipeline.continuation_logprobs`) and the mean
-  KL(P_ref || P_trial) over the first ``kl_steps`` positions is taken, plus
+  KL(P_ref || P_trial) over the first ``kl_steps`` positions is taken per prompt and
+  combined over prompts by ``kl_aggregate`` (mean, trimmed mean or median), plus
   ``task_weight`` times the task answers lost against the uncompressed model (probes only).
 - **cost**: KV fraction, the stored KV bytes over the fp16 bytes of the same tokens, read
   from :class:`~kvcore.types.GenerationResult` (real ``nbytes``), averaged over the prompts.
@@ -117,7 +118,7 @@ def run_tuning(settings: TuneSettings, pipeline: "KVCompPipeline | None" = None)
     references = load_or_compute_references(
         pipe, prompts, settings.kl_steps, out / "reference.pt", identity, settings.progress
     )
-    objective = FidelityObjective(pipe, prompts, references, settings.task_weight)
+    objective = FidelityObjective(pipe, prompts, references, settings.task_weight, settings.kl_aggregate)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["minimize", "minimize"] if settings.multi_objective else ["minimize"]

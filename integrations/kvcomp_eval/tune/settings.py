@@ -29,6 +29,13 @@ GROUP_SIZES: tuple[int, ...] = (16, 32, 64)
 KL_CAP_NATS = 1e3
 """KL values are capped here so a trial that zeroes a reference token stays a finite, very bad value."""
 
+KL_AGGREGATES: tuple[str, ...] = ("mean", "trimmed", "median")
+"""How the per-prompt KL values become a trial's KL: their mean; ``trimmed``, the mean without
+the highest and the lowest :data:`KL_TRIM` of them; or their median."""
+
+KL_TRIM = 0.1
+"""Share cut from each end by the ``trimmed`` aggregate (2 of 20 prompts each side)."""
+
 
 class TuneError(ValueError):
     """Bad tuning input: settings, storage URL, data split or a study that does not match."""
@@ -60,6 +67,9 @@ class TuneSettings(BaseModel):
     penalty: float = Field(10.0, ge=0.0, allow_inf_nan=False, description="nats per unit of KV fraction over the cap")
     task_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="weight of the lost task score")
     kl_steps: int = Field(8, ge=1, le=256, description="teacher-forced positions the KL is averaged over")
+    kl_aggregate: Literal["mean", "trimmed", "median"] = "mean"
+    """How per-prompt KL values are combined (:data:`KL_AGGREGATES`). ``mean`` is what reports
+    print; ``trimmed`` keeps one outlying prompt of ~20 from deciding a comparison."""
     objectives: Literal["single", "multi"] | None = None
     """``None``: ``multi`` for nsga2, ``single`` otherwise."""
     seed: int = Field(0, ge=0)
@@ -162,6 +172,7 @@ class TuneSettings(BaseModel):
             "objectives": "multi" if self.multi_objective else "single",
             "base_preset": self.base_preset,
             "kl_steps": self.kl_steps,
+            "kl_aggregate": self.kl_aggregate,
             "task_weight": self.task_weight,
             "max_kv_fraction": self.max_kv_fraction,
             "penalty": self.penalty,

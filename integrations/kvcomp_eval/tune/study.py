@@ -179,7 +179,8 @@ def _check_study_spec(study: "optuna.Study", spec: dict[str, Any]) -> None:
         # Two workers may both have seen no spec; the database keeps the first one written
         # (Optuna ignores the second insert), so read it back and compare as usual.
         old = study.user_attrs.get("kvcomp_spec")
-    old = json.loads(json.dumps(old))
+    # Studies made before ``kl_aggregate`` existed took the mean: they resume with it.
+    old = {"kl_aggregate": "mean", **json.loads(json.dumps(old))}
     new = json.loads(json.dumps(spec))
     if old != new:
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
