@@ -156,6 +156,11 @@ def test_kl_aggregates_and_what_one_outlying_prompt_does() -> None:
         aggregate_kl(a, "max")
     with pytest.raises(ValueError, match="no KL values"):
         aggregate_kl([])
+    # The command's choices (kept there to import nothing heavy) are the settings' aggregates.
+    from kvcomp_eval.tune import commands
+    from kvcomp_eval.tune.settings import KL_AGGREGATES
+
+    assert commands._KL_AGGREGATES == KL_AGGREGATES
 
 
 def test_a_study_made_before_kl_aggregate_resumes_with_the_mean() -> None:

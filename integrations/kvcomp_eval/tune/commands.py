@@ -18,6 +18,7 @@ from typing import Callable
 from kvcore.hookspecs import hookimpl
 
 _SAMPLERS = ("random", "tpe", "cmaes", "nsga2")  # kvcomp_eval.tune.settings.SAMPLERS, without importing it here
+_KL_AGGREGATES = ("mean", "trimmed", "median")  # kvcomp_eval.tune.settings.KL_AGGREGATES, likewise
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -127,7 +128,7 @@ def register_commands(add_command: Callable[..., argparse.ArgumentParser]) -> No
     p.add_argument("--kl-steps", type=_positive_int, default=8, help="teacher-forced tokens the KL is averaged over (default: 8)")
     p.add_argument(
         "--kl-aggregate",
-        choices=("mean", "trimmed", "median"),
+        choices=_KL_AGGREGATES,
         default="mean",
         help="how the per-prompt KL values become a trial's KL: mean, trimmed (mean without the highest and "
         "lowest 10%%) or median (default: mean)",
