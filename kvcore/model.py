@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,48 +178,56 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
 
         rope_pos, cos, sin, mask = stream_tables(hidden, positions)
         last_layer = self.config.num_hidden_layers - 1
+        propagator = compressor.propagator
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             capture = PrefillCapture(window_idx=window_idx)
-            # Nothing reads the last layer's output but at the last token (its K/V, what the cache
-            # stores, come from the layer's input): that layer runs on the window and one token.
+
+            def compress(layer_idx: int = layer_idx, capture: PrefillCapture = capture) -> Tensor | None:
+                """Compress and store this layer from ``capture``; the tokens that continue, or ``None``.
+
+                Called once, within this iteration, so the stream's tables it reads are this layer's.
+                """
+                assert capture.keys is not None and capture.values is not None and capture.queries is not None
+                obs = LayerObservation(
+                    layer_idx=layer_idx,
+                    keys=capture.keys,
+                    values=capture.values,
+                    queries=capture.queries,
+                    # Computed only if a scorer reads them (the default one does not).
+                    keys_pre_rope=functools.partial(_unrotate, capture.keys, cos, sin),
+                    queries_pre_rope=functools.partial(_unrotate, capture.queries, cos[:, window_idx], sin[:, window_idx]),
+                    window_idx=window_idx,
+                    positions=positions,
+                    n_original=n,
+                    n_sink=compressor.n_sink,
+                    window_rows=is_window,
+                )
+                result = compressor.compress_layer_kv_cache(obs)
+                cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
+                capture.clear()  # the full-precision K/V of this layer can go now
+                keep = result.keep_idx
+                if keep is None or keep.shape[1] >= n_cur or layer_idx == last_layer:
+                    return None
+                return keep.to(device)
+
+            layer_kwargs: dict[str, Any] = dict(
+                attention_mask=mask, position_ids=rope_pos, position_embeddings=(cos, sin), cache=None, use_cache=False
+            )
+            keep: Tensor | None = None
             with capture_prefill(capture):
                 if layer_idx == last_layer:
-                    run_layer: Any = functools.partial(_last_token_layer, window_idx=window_idx)
+                    # Nothing reads the last layer's output but at the last token (its K/V, what the
+                    # cache stores, come from the layer's input): it runs on the window and one token.
+                    hidden = _last_token_layer(decoder_layer, hidden, window_idx=window_idx, **layer_kwargs)
+                    compress()
+                elif propagator is not None and propagator.acts_after(layer_idx):
+                    hidden, keep = _thinning_layer(decoder_layer, hidden, thin=compress, **layer_kwargs)
                 else:
-                    run_layer = _whole_layer
-                hidden = run_layer(
-                    decoder_layer,
-                    hidden,
-                    attention_mask=mask,
-                    position_ids=rope_pos,
-                    position_embeddings=(cos, sin),
-                    cache=None,
-                    use_cache=False,
-                )
-            assert capture.keys is not None and capture.values is not None and capture.queries is not None
-            obs = LayerObservation(
-                layer_idx=layer_idx,
-                keys=capture.keys,
-                values=capture.values,
-                queries=capture.queries,
-                # Computed only if a scorer reads them (the default one does not).
-                keys_pre_rope=functools.partial(_unrotate, capture.keys, cos, sin),
-                queries_pre_rope=functools.partial(_unrotate, capture.queries, cos[:, window_idx], sin[:, window_idx]),
-                window_idx=window_idx,
-                positions=positions,
-                n_original=n,
-                n_sink=compressor.n_sink,
-                window_rows=is_window,
-            )
-            result = compressor.compress_layer_kv_cache(obs)
-            cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
-            capture.clear()
-            del obs  # the full-precision K/V of this layer can go now
+                    hidden = _whole_layer(decoder_layer, hidden, **layer_kwargs)
+                    compress()
             stats_tokens.append(n_cur)
-            if result.keep_idx is not None and result.keep_idx.shape[1] < n_cur and layer_idx < last_layer:
-                keep = result.keep_idx.to(device)
-                hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+            if keep is not None:
                 positions = positions.gather(1, keep)
                 rope_pos, cos, sin, mask = stream_tables(hidden, positions)
                 if cache.window_token_idx is None:
@@ -272,6 +281,51 @@ def _whole_layer(layer: torch.nn.Module, hidden: Tensor, **kwargs: Any) -> Tenso
     return layer(hidden, **kwargs)
 
 
+def _is_llama_block(layer: torch.nn.Module) -> bool:
+    """True for transformers' pre-norm LLaMA block, which the partial layers below re-trace."""
+    attn = getattr(layer, "self_attn", None)
+    return all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp")) and all(
+        hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")
+    )
+
+
+def _thinning_layer(
+    layer: torch.nn.Module, hidden: Tensor, *, thin: Callable[[], Tensor | None], **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """A layer after which propagation thins the stream: ``[B, N, D]`` -> ``([B, n_keep, D], keep)``.
+
+    ``thin`` compresses the layer from the prefill capture and returns the indices ``[B, n_keep]``
+    of the tokens that continue (``None``: all of them). A dropped token's output of this layer is
+    never read, so the output projection and the MLP, ~84% of a layer's matrix work on the
+    embedded model, run on the kept tokens only; attention still runs on all ``N`` (the causal
+    kernel over every row costs less than a masked one over the kept rows). A layer built
+    otherwise than the LLaMA block runs whole and is gathered after.
+    """
+    if not _is_llama_block(layer):
+        out = layer(hidden, **kwargs)
+        keep = thin()
+        return (out if keep is None else _gather_tokens(out, keep)), keep
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    cos, sin = kwargs["position_embeddings"]
+    q = _rotate(attn.q_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    out, _ = kvcomp_attention_forward(attn, q, k, v, kwargs["attention_mask"], scaling=getattr(attn, "scaling", None))
+    del q, k, v, x
+    keep = thin()
+    if keep is not None:
+        hidden, out = _gather_tokens(hidden, keep), _gather_tokens(out.reshape(b, n, -1), keep)
+    h = hidden + attn.o_proj(out.reshape(b, hidden.shape[1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h)), keep
+
+
+def _gather_tokens(x: Tensor, keep: Tensor) -> Tensor:
+    """Rows ``keep [B, k]`` of ``x [B, N, D]`` -> ``[B, k, D]``."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def _last_token_layer(
     layer: torch.nn.Module, hidden: Tensor, *, window_idx: Tensor, attention_mask: Tensor | None, **kwargs: Any
 ) -> Tensor:
@@ -283,12 +337,9 @@ def _last_token_layer(
     pre-norm LLaMA block of transformers (``input_layernorm``, ``self_attn`` with
     ``q/k/v/o_proj``, ``post_attention_layernorm``, ``mlp``); a layer built otherwise runs whole.
     """
-    attn = getattr(layer, "self_attn", None)
-    llama_block = all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp")) and all(
-        hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")
-    )
-    if not llama_block:
+    if not _is_llama_block(layer):
         return layer(hidden, attention_mask=attention_mask, **kwargs)[:, -1:]
+    attn = layer.self_attn
     b, n, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     # Ascending (the window indices are, and n - 1 is the largest); n - 1 may appear twice, harmlessly.

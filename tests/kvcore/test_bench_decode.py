@@ -81,3 +81,11 @@ def test_prefill_costs_refuses_a_prompt_too_short_before_any_model_loads() -> No
     )
     assert proc.returncode == 2 and "--tokens must be >= 2" in proc.stderr, proc.stderr
     assert "Loading" not in proc.stderr
+
+
+def test_thinning_layer_bench_refuses_bad_configs_before_any_model_loads(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "thinning_layer.py"
+    for configs, message in ((["nope"], "unknown config(s) ['nope']"), (["full", "fast"], "'full' is always the baseline")):
+        proc = subprocess.run([sys.executable, str(script), "--configs", *configs], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Loading" not in proc.stderr

@@ -176,6 +176,39 @@ def test_propagated_logits_equal_a_reference_forward_of_the_kept_tokens_at_their
         ours.set_compression(CompressionConfig())
 
 
+@torch.no_grad()
+def test_a_thinning_layer_runs_its_mlp_on_the_kept_tokens_only(model_pair, monkeypatch):
+    import kvcore.model as model_module
+
+    ours, _ = model_pair
+    ours.set_compression(_config("propagate-only", **PROPAGATE))
+    seen: dict[int, list[int]] = {1: [], 2: []}
+    hooks = [
+        ours.model.layers[i].mlp.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(args[0].shape[1]))
+        for i in seen
+    ]
+    try:
+        n, ids = 200, _ids(200)
+        thinned = ours(input_ids=ids)
+        assert seen == {1: [n // 2], 2: [n // 4]}, "a dropped token's MLP output is never read"
+        # The same prefill with every layer whole and the stream gathered after it.
+        def whole(layer, hidden, *, thin, **kw):
+            out, keep = model_module._whole_layer(layer, hidden, **kw), thin()
+            return (out if keep is None else model_module._gather_tokens(out, keep)), keep
+
+        monkeypatch.setattr(model_module, "_thinning_layer", whole)
+        ref = ours(input_ids=ids)
+        torch.testing.assert_close(thinned.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        for i in range(4):
+            got, want = thinned.cache.layer(i).compressed, ref.cache.layer(i).compressed
+            assert torch.equal(got.residual_positions, want.residual_positions)
+            torch.testing.assert_close(got.residual_keys, want.residual_keys, rtol=1e-5, atol=1e-5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        ours.set_compression(CompressionConfig())
+
+
 def _stored_tensors(cache: CompressedKVCache):
     for i in range(len(cache.layers)):
         layer = cache.layer(i)
