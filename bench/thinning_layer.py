@@ -13,7 +13,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 import kvcore.model as model_module
 from bench_decode import DEFAULT_DATA, real_text_prompts, resolve_configs, run_once
@@ -21,11 +20,6 @@ from kvcore.config import CompressionConfig
 from kvcore.loading import load_model, load_tokenizer, resolve_model
 
 _THINNING = model_module._thinning_layer
-
-
-def _whole_then_gather(layer: Any, hidden: Any, *, thin: Any, **kwargs: Any) -> tuple[Any, Any]:
-    out, keep = model_module._whole_layer(layer, hidden, **kwargs), thin()
-    return (out if keep is None else model_module._gather_tokens(out, keep)), keep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(args.model)
     model = load_model(path)
     ids, window = real_text_prompts(load_tokenizer(path), [args.length], args.data)[args.length]
-    variants = {"thinned": _THINNING, "whole": _whole_then_gather}
+    variants = {"thinned": _THINNING, "whole": model_module._whole_layer_then_thin}
     runs: dict[str, list[float]] = {}
     try:
         for rep in range(args.repeats + 1):  # the first round warms up and is not counted

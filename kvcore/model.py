@@ -302,9 +302,7 @@ def _thinning_layer(
     otherwise than the LLaMA block runs whole and is gathered after.
     """
     if not _is_llama_block(layer):
-        out = layer(hidden, **kwargs)
-        keep = thin()
-        return (out if keep is None else _gather_tokens(out, keep)), keep
+        return _whole_layer_then_thin(layer, hidden, thin=thin, **kwargs)
     attn = layer.self_attn
     b, n, _ = hidden.shape
     x = layer.input_layernorm(hidden)
@@ -313,12 +311,22 @@ def _thinning_layer(
     k = _rotate(attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
     v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
     out, _ = kvcomp_attention_forward(attn, q, k, v, kwargs["attention_mask"], scaling=getattr(attn, "scaling", None))
+    out = out.reshape(b, n, -1)
     del q, k, v, x
     keep = thin()
     if keep is not None:
-        hidden, out = _gather_tokens(hidden, keep), _gather_tokens(out.reshape(b, n, -1), keep)
-    h = hidden + attn.o_proj(out.reshape(b, hidden.shape[1], -1))
+        hidden, out = _gather_tokens(hidden, keep), _gather_tokens(out, keep)
+    h = hidden + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h)), keep
+
+
+def _whole_layer_then_thin(
+    layer: torch.nn.Module, hidden: Tensor, *, thin: Callable[[], Tensor | None], **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_thinning_layer`'s contract the plain way: the whole layer on all ``N`` tokens, then
+    the kept rows of its output (for layers that are not LLaMA blocks, and as the reference)."""
+    out, keep = _whole_layer(layer, hidden, **kwargs), thin()
+    return (out if keep is None else _gather_tokens(out, keep)), keep
 
 
 def _gather_tokens(x: Tensor, keep: Tensor) -> Tensor:

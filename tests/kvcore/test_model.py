@@ -192,11 +192,7 @@ def test_a_thinning_layer_runs_its_mlp_on_the_kept_tokens_only(model_pair, monke
         thinned = ours(input_ids=ids)
         assert seen == {1: [n // 2], 2: [n // 4]}, "a dropped token's MLP output is never read"
         # The same prefill with every layer whole and the stream gathered after it.
-        def whole(layer, hidden, *, thin, **kw):
-            out, keep = model_module._whole_layer(layer, hidden, **kw), thin()
-            return (out if keep is None else model_module._gather_tokens(out, keep)), keep
-
-        monkeypatch.setattr(model_module, "_thinning_layer", whole)
+        monkeypatch.setattr(model_module, "_thinning_layer", model_module._whole_layer_then_thin)
         ref = ours(input_ids=ids)
         torch.testing.assert_close(thinned.logits, ref.logits, rtol=1e-5, atol=1e-5)
         for i in range(4):
