@@ -23,17 +23,23 @@ A config file (YAML/JSON, named by its stem in the table) times like a preset::
 Random weights of a real shape on a GPU (batch 1 and 8)::
 
     python bench/bench_decode.py --shape llama3-8b --device cuda --lengths 4096 32768 --batch 1 8
+
+``--profile FILE`` then runs each config once more at the last length and batch under
+``torch.profiler`` (CPU and CUDA) and writes each one's op table and its host and device time
+per decode step. ``--no-cudnn-attention`` keeps SDPA off cuDNN (see the flag's help).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ from kvcore.model import ATTN_IMPLEMENTATION, CompressedLlamaForCausalLM
 
 BASELINE = "transformers"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench" / "multi_news.jsonl"
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 QUESTION = "\n\nNow, write a one-page summary of all the news above.\nSummary:"
 
 
@@ -121,9 +128,10 @@ def run_once(
     ids: torch.Tensor,
     window: torch.Tensor | None,
     decode_tokens: int,
+    decode_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """One prompt through one config (``None``: stock transformers): TTFT, decode time, KV bytes
-    and the greedy tokens."""
+    and the greedy tokens. The decode steps run inside ``decode_context()`` (a profiler, say)."""
     device = ids.device
     stock = config is None
     model.set_compression(CompressionConfig() if stock else config)
@@ -142,13 +150,14 @@ def run_once(
         ttft = time.perf_counter() - start
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         tokens = [token]
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            out = forward(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
-        _sync(device)
-        decode_s = time.perf_counter() - start
+        with decode_context():
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                out = forward(input_ids=token, cache=cache, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+            _sync(device)
+            decode_s = time.perf_counter() - start
     finally:
         if stock:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -166,8 +175,11 @@ def measure(model, configs: dict[str, CompressionConfig | None], prompts, batche
         for batch in batches:
             batch_ids = ids.expand(batch, -1).contiguous().to(next(model.parameters()).device)
             best: dict[str, dict[str, Any]] = {}
-            for config in configs:  # warm-up, not timed
-                run_once(model, configs[config], batch_ids, window, min(decode_tokens, 2))
+            # Warm-up, not timed. On a GPU it decodes as long as the timed runs: a kernel variant is
+            # compiled on first use, and a decode-time flush (a new tier) comes only after some steps.
+            warm = decode_tokens if batch_ids.device.type == "cuda" else min(decode_tokens, 2)
+            for config in configs:
+                run_once(model, configs[config], batch_ids, window, warm)
             for rep in range(repeats):
                 for config in configs:
                     got = run_once(model, configs[config], batch_ids, window, decode_tokens)
@@ -194,6 +206,36 @@ def measure(model, configs: dict[str, CompressionConfig | None], prompts, batche
                     "same_tokens_as_full": r["tokens"] == reference if reference is not None else None,
                 })
     return rows
+
+
+def profile_configs(model, configs: dict[str, CompressionConfig | None], ids: torch.Tensor, window: torch.Tensor | None,
+                    decode_tokens: int, path: Path) -> list[str]:
+    """Each config's decode steps once under ``torch.profiler`` (the prefill is not profiled);
+    writes the op tables to ``path`` and returns one line per config: wall time, device time and
+    kernel launches per step. Wall time far above device time means the step is bound by the host
+    (launches, planning, syncs), not by the device."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sections, summary = [], []
+    for name, config in configs.items():
+        run_once(model, config, ids, window, 1)  # warm-up
+        prof = profile(activities=activities)
+        got = run_once(model, config, ids, window, decode_tokens, decode_context=lambda: prof)
+        events = prof.key_averages()
+        # Kernels only (as the table's "Self CUDA time total"): ops report their kernels' time too.
+        device_ms = sum(e.self_device_time_total for e in events
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1000 if cuda else float("nan")
+        launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
+        summary.append(f"{name}: per decode step {1000 * got['decode_s'] / decode_tokens:.2f} ms wall (profiled), "
+                       f"{device_ms / decode_tokens:.2f} ms device, {launches / decode_tokens:.0f} kernel launches")
+        sections.append(f"## {name} ({ids.shape[1]} tokens, batch {ids.shape[0]}, {decode_tokens} decode steps)\n"
+                        + events.table(sort_by="self_cpu_time_total", row_limit=30))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(summary) + "\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+    return summary
 
 
 def paired_ttft(row: dict[str, Any], full: dict[str, Any]) -> tuple[float, int]:
@@ -243,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LongBench JSONL whose contexts make the prompts")
     parser.add_argument("--json", type=Path, default=None, help="also write rows and machine here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="then profile each config once at the last length and batch; op tables go here")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="keep torch's SDPA off its cuDNN backend (CUDA): a profile on torch 2.11 (2026-11-26) "
+                             "saw it plan anew for every KV length, ~2 ms of host time per decode call; the "
+                             "flag makes the baselines' decode independent of that")
     args = parser.parse_args(argv)
 
     try:
@@ -258,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda asked for, but CUDA is not available here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     if args.shape:
         from bench_prefill import SHAPES, build_model
@@ -281,13 +331,18 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "model": source,
+        "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
     }
     print(json.dumps(machine), file=sys.stderr)
     rows = measure(model, configs, prompts, args.batch, args.repeats, args.decode_tokens)
     print("\n".join(table(rows)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"data": str(args.data), "json": str(args.json)}, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1, default=str))
+    if args.profile:
+        ids, window = prompts[args.lengths[-1]]
+        ids = ids.expand(args.batch[-1], -1).contiguous().to(device)
+        print("\n".join(profile_configs(model, configs, ids, window, min(args.decode_tokens, 8), args.profile)))
     return 0
 
 

@@ -1,10 +1,12 @@
 """``bench/bench_decode.py`` on the tiny shape: it runs every config, ratios are against ``full``,
-stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path; the bench
+stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path, ``--profile``
+writes each config's op table; the bench
 scripts that share its config resolver refuse bad arguments before loading a model."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_tiny_shape_times_every_config_against_full(tmp_path: Path) -> None:
-    out = tmp_path / "decode.json"
+    out, profile = tmp_path / "decode.json", tmp_path / "profile.txt"
     proc = _run("--shape", "tiny", "--lengths", "160", "--batch", "1", "2", "--repeats", "1", "--decode-tokens", "3",
-                "--configs", "transformers", "full", "default", "--json", str(out))
+                "--configs", "transformers", "full", "default", "--json", str(out), "--profile", str(profile))
     assert proc.returncode == 0, proc.stderr
+    summary, *tables = profile.read_text().split("\n## ")
+    assert [line.split(":")[0] for line in summary.strip().splitlines()] == ["transformers", "full", "default"]
+    assert tables[2].startswith("default (160 tokens, batch 2, 3 decode steps)") and "aten::" in tables[2]
     rows = {(r["config"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(c, b) for c in ("transformers", "full", "default") for b in (1, 2)}
     for batch in (1, 2):
@@ -89,3 +94,17 @@ def test_thinning_layer_bench_refuses_bad_configs_before_any_model_loads(tmp_pat
         proc = subprocess.run([sys.executable, str(script), "--configs", *configs], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Loading" not in proc.stderr
+
+
+def test_the_gpu_suite_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
+    """``bench/gpu_suite.sh`` with its CPU knobs: every step runs and leaves its log and tables."""
+    env = {**os.environ, "GPU_DEVICE": "cpu", "GPU_SHAPE": "tiny", "SHORT": "96", "LONG": "128", "NO_INSTALL": "1",
+           "REPEATS": "1", "REPEATS_B8": "1", "B8_CONFIGS": "full default", "NO_CUDNN_ROW": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(SCRIPT.parent / "gpu_suite.sh"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "setup.txt", "decode_b1.txt", "decode_b1.json", "decode_b8.txt", "decode_b8.json", "profile.txt", "profile_ops.txt"}
+    for step in ("decode_b1", "decode_b8", "profile"):
+        assert "exit 0 after" in (tmp_path / f"{step}.txt").read_text(), step
+    assert "| 128 | 8 | default |" in proc.stdout
