@@ -65,7 +65,16 @@ def test_triton_and_torch_backends_store_the_same_bytes(preset: str, dtype: torc
             for qa, qb in ((a.keys, b.keys), (a.values, b.values)):
                 assert torch.equal(qa.packed, qb.packed)
                 assert torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
-    assert torch.equal(logits_t, logits_r)
+    # Same bytes, so the prefill's logits are equal; the decode steps attend through the Triton
+    # kernel, equal to the torch path up to float32 summation order, then rounded to ``dtype``.
+    assert torch.equal(logits_t[0], logits_r[0])
+    assert _kl(logits_r, logits_t).max() < 1e-3
+
+
+def _kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """KL(ref || got) per row of logits ``[steps, vocab]``."""
+    lp_r, lp_g = torch.log_softmax(ref.float().cpu(), -1), torch.log_softmax(got.float().cpu(), -1)
+    return (lp_r.exp() * (lp_r - lp_g)).sum(-1)
 
 
 @torch.no_grad()
@@ -75,6 +84,5 @@ def test_gpu_and_cpu_agree_in_float32() -> None:
     cache_g, logits_g = _run(_model("cuda", torch.float32), config, _ids(700, "cuda"))
     assert cache_g.kv_bytes == cache_c.kv_bytes
     assert cache_g.tokens_kept_per_layer() == cache_c.tokens_kept_per_layer()
-    lp_c, lp_g = torch.log_softmax(logits_c, -1), torch.log_softmax(logits_g.cpu(), -1)
-    kl = (lp_c.exp() * (lp_c - lp_g)).sum(-1)
+    kl = _kl(logits_c, logits_g)
     assert float(kl.max()) < 1e-3, kl

@@ -152,6 +152,8 @@ def _on(q: object, device: str) -> object:
 
 @pytest.mark.parametrize("key_axis", ["channel", "token", "mixed"])
 def test_decode_kernel_matches_the_torch_path_on_tiers_of_every_width(key_axis: str, attend_kernel: ModuleType) -> None:
+    """Every tier width and key axis, padding, a full-precision part of several blocks, and one
+    with a mask."""
     from kvcore.types import KVTier
     from kvcomp_plugins.quantizers import attend
 
@@ -178,6 +180,14 @@ def test_decode_kernel_matches_the_torch_path_on_tiers_of_every_width(key_axis: 
         outs.append(attend_kernel.attend_layer(rows, tiers, dense, pad))
         torch.testing.assert_close(outs[-1], attend.attend_layer(rows, tiers, dense, pad), rtol=1e-4, atol=1e-5)
     assert (outs[0] - outs[1]).abs().max() > 1e-3, "the padding is applied"
+    # A full-precision part of several blocks, seen through a view with free slots behind it (as
+    # the dense store hands it over), then the same part with a mask (the torch path, one slot).
+    store_k, store_v = torch.randn(b, h, 150, d, generator=gen).to(dev), torch.randn(b, h, 150, d, generator=gen).to(dev)
+    long_dense = DensePart(store_k[..., :130, :], store_v[..., :130, :])
+    mask = torch.rand(b, h, r, 130, generator=gen).to(dev) > 0.3
+    for part in (long_dense, DensePart(long_dense.keys, long_dense.values, mask)):
+        torch.testing.assert_close(attend_kernel.attend_layer(rows, tiers, part, padding),
+                                   attend.attend_layer(rows, tiers, part, padding), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="power of two >= 16"):
         attend_kernel.attend_layer(torch.zeros(1, 1, 1, 24), tiers, dense)
 
