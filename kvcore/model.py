@@ -179,6 +179,9 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         rope_pos, cos, sin, mask = stream_tables(hidden, positions)
         last_layer = self.config.num_hidden_layers - 1
         propagator = compressor.propagator
+        # The protected mask of the tokens in the stream, shared by its layers: a quantizer reads
+        # the size of its residual from it (a host read on a GPU) once per stream, not per layer.
+        stream_protected: list[Tensor | None] = [None]
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             capture = PrefillCapture(window_idx=window_idx)
@@ -202,7 +205,9 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     n_original=n,
                     n_sink=compressor.n_sink,
                     window_rows=is_window,
+                    protected=stream_protected[0],
                 )
+                stream_protected[0] = obs.protected_mask  # one mask object until the stream thins
                 result = compressor.compress_layer_kv_cache(obs)
                 cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
                 capture.clear()  # the full-precision K/V of this layer can go now
@@ -228,6 +233,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     compress()
             stats_tokens.append(n_cur)
             if keep is not None:
+                stream_protected[0] = None
                 positions = positions.gather(1, keep)
                 rope_pos, cos, sin, mask = stream_tables(hidden, positions)
                 if cache.window_token_idx is None:

@@ -67,6 +67,9 @@ class LayerObservation:
         n_sink: the first ``n_sink`` positions are attention sinks.
         window_rows: ``[B, N]`` bool, each row's own window when the rows of a batch have
             different questions; ``None``: ``window_idx`` is every row's window.
+        protected: the :attr:`protected_mask` already built for these tokens, or ``None``. The
+            prefill passes one mask object to every layer between two thinnings, so work that
+            depends only on it (and a host read of it on a GPU) is done once per stream.
     """
 
     layer_idx: int
@@ -80,6 +83,7 @@ class LayerObservation:
     n_original: int
     n_sink: int = 4
     window_rows: Tensor | None = None
+    protected: Tensor | None = None
 
     # Cached: several components read the same masks, and on a GPU every extra small op is a
     # kernel launch in the prefill loop. The observation is built once per layer and not mutated.
@@ -115,6 +119,8 @@ class LayerObservation:
     @cached_property
     def protected_mask(self) -> Tensor:
         """``[B, N]`` bool: sinks and window, which are never dropped nor quantised."""
+        if self.protected is not None:
+            return self.protected
         return self.sink_mask | self.window_mask
 
 

@@ -268,16 +268,18 @@ class MixedPrecisionQuantizer:
         first tier of ``protected_bits`` (quantised with the other tiers, in the same call).
 
         The batch rows share positions and protected slots here (see :meth:`compress`), so the
-        residual is the same slots in every row: protected ones, then the last ``R``.
+        residual is the same slots in every row, ascending: the protected ones before the last
+        ``R``, then the last ``R`` (all of them). Their count alone says how many lie before: no
+        read of the indices, which on a GPU would wait for the device once per layer.
         """
         residual = split.residual_idx
-        old = residual[0] < n - self.residual_length
-        if not bool(old.any()):
+        n_old = residual.shape[1] - min(self.residual_length, n)
+        if n_old <= 0:
             return split
-        idx = residual[:, old].unsqueeze(1).expand(-1, h, -1).contiguous()
+        idx = residual[:, :n_old].unsqueeze(1).expand(-1, h, -1).contiguous()
         return dataclasses.replace(
             split,
-            residual_idx=residual[:, ~old],
+            residual_idx=residual[:, n_old:],
             tier_bits=[self.config.protected_bits, *split.tier_bits],
             tier_idx=[idx, *split.tier_idx],
             tier_positions=[_positions_of(positions, idx), *split.tier_positions],

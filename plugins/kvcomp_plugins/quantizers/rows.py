@@ -15,8 +15,12 @@ from torch import Tensor
 
 from kvcore.batching import stack_rows
 from kvcore.types import CompressedLayer
+from kvcomp_plugins.quantizers.memo import LastRead
 
 RowCompressor = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], CompressedLayer]
+
+
+_ROWS_DIFFER: LastRead[bool] = LastRead()
 
 
 def rows_differ(positions: Tensor, protected: Tensor) -> bool:
@@ -28,7 +32,10 @@ def rows_differ(positions: Tensor, protected: Tensor) -> bool:
     """
     if positions.shape[0] == 1:
         return False
-    return bool((positions < 0).any()) or not bool((protected == protected[:1]).all())
+    # Host reads, once per prefill stream (see .memo).
+    return _ROWS_DIFFER.get(
+        [positions, protected], (), lambda: bool((positions < 0).any()) or not bool((protected == protected[:1]).all())
+    )
 
 
 def compress_rows(

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kvcomp_plugins.quantizers.memo import LastRead
+
 
 @dataclass
 class TokenSplit:
@@ -50,6 +52,9 @@ def tier_counts(n_candidates: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
+_RESIDUAL_COUNT: LastRead[int] = LastRead()
+
+
 def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_length: int) -> tuple[Tensor, Tensor]:
     """Ascending slot indices ``([B, n_r], [B, N - n_r])`` of residual and candidate tokens.
 
@@ -60,13 +65,15 @@ def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_leng
     b, n = positions.shape
     slot = torch.arange(n, device=positions.device)
     wanted = protected | (slot >= n - residual_length).unsqueeze(0)
-    n_res = int(wanted.sum(dim=1).max()) if b else 0
+    # The fullest row's residual: a host read, once per stream (see .memo).
+    n_res = _RESIDUAL_COUNT.get([protected], (n, residual_length), lambda: int(wanted.sum(dim=1).max()) if b else 0)
     priority = torch.where(wanted, 2, torch.where(positions < 0, 1, 0))
     key = priority * (n + 1) + slot  # unique per row: priority first, then recency
     order = torch.argsort(key, dim=1, descending=True, stable=True)
     residual = order[:, :n_res].sort(dim=1).values
     candidates = order[:, n_res:].sort(dim=1).values
     return residual, candidates
+
 
 
 def _rank_candidates(cand_scores: Tensor, cand_padding: Tensor) -> Tensor:
