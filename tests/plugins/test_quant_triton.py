@@ -120,6 +120,53 @@ def test_cpu_backends_without_interpreter() -> None:
     assert "REFUSED:" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
 
 
+def test_the_decode_kernel_compiles_for_hopper_without_register_spills() -> None:
+    """Triton compiles ahead of time, without a GPU, for sm_90 (H100/H200); the kernel binary's
+    resource usage (``cuobjdump``, shipped with triton) must show no stack: a spilled kernel reads
+    and writes local memory in its inner product and ran several times slower on an H200."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    result = _run_python(
+        """
+        import os, re, subprocess, sys, tempfile
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from kvcomp_plugins.quantizers import triton_attend as ta
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if not os.access(tool, os.X_OK):
+            print("NO-TOOL"); sys.exit(0)
+        fn = ta._block_kernel
+        pointers = ["rows_ptr", "m_ptr", "l_ptr", "acc_ptr"]
+        for bits, token_axis in [(2, False), (4, False), (8, False), (4, True), (16, True)]:
+            stored = "*bf16" if bits == 16 else None
+            sig = {name: "*fp32" for name in pointers}
+            sig.update({"kp_ptr": stored or "*u8", "vp_ptr": stored or "*u8", "valid_ptr": "*u8"})
+            sig.update({k: stored or "*fp16" for k in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")})
+            sig.update({k: "i32" for k in ("N", "KV_STRIDE", "P", "SLOT0", "R")})
+            consts = dict(D=128, G=1 if bits == 16 else 64, BITS=bits, KEY_TOKEN_AXIS=token_axis, HAS_VALID=False,
+                          BLOCK_R=16, BLOCK_T=ta.BLOCK_T)
+            sig.update({k: "constexpr" for k in consts})
+            sig = {name: sig[name] for name in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": ta.NUM_WARPS})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"]); f.flush()
+                usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            regs, stack = re.search(r"REG:(\\d+) STACK:(\\d+)", usage).groups()
+            print("KERNEL", bits, token_axis, regs, stack)
+        """,
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    if "NO-TOOL" in result.stdout:
+        pytest.skip("triton ships no cuobjdump on this platform")
+    kernels = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("KERNEL")]
+    assert len(kernels) == 5, result.stdout
+    assert all(stack == "0" for *_, stack in kernels), f"register spills (bits, token axis, regs, stack): {kernels}"
+
+
 def test_decode_attention_on_the_triton_backend_matches_torch(kernels):
     """Tiers quantised by the Triton kernels (same bytes) attended by the Triton decode kernel
     equal the torch path's, up to float32 summation order."""

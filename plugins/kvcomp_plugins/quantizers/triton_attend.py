@@ -35,6 +35,10 @@ from kvcore.types import KVTier
 
 BLOCK_T = 64
 """Tokens per block (one ``tl.dot``)."""
+NUM_WARPS = 8
+"""Warps per block program. With Triton's default of 4, ptxas gives the program 255 registers a
+thread and spills 136-1416 bytes of it to local memory (sm_90, every tier width and key axis);
+with 8, 166-206 registers and no spill (``tests/plugins/test_quant_triton.py``)."""
 BLOCK_P = 32
 """Slots the merge kernel reads at once."""
 DENSE_BITS = 16
@@ -171,6 +175,7 @@ def attend_layer(
             v.packed.contiguous(), v.scale.contiguous(), v.zero.contiguous(),
             valid if valid is not None else m, m, l, acc, tier.n_tokens, 0, n_slots, slot, r,
             G=k.group_size, BITS=tier.bits, KEY_TOKEN_AXIS=k.axis == "token", HAS_VALID=valid is not None, **common,
+            num_warps=NUM_WARPS,
         )
         slot += n_blocks
     if kernel_dense:
@@ -178,7 +183,7 @@ def attend_layer(
         _block_kernel[(bh, n_slots - slot)](
             rows, keys, keys, keys, values, values, values, m, m, l, acc,
             n_dense, keys.stride(1), n_slots, slot, r,
-            G=1, BITS=DENSE_BITS, KEY_TOKEN_AXIS=True, HAS_VALID=False, **common,
+            G=1, BITS=DENSE_BITS, KEY_TOKEN_AXIS=True, HAS_VALID=False, **common, num_warps=NUM_WARPS,
         )
     else:  # masked rows: the torch path, as one slot (m = lse, l = 1)
         out, lse = attend_dense(rows, dense.keys, dense.values, dense.mask)
