@@ -24,9 +24,9 @@ Random weights of a real shape on a GPU (batch 1 and 8)::
 
     python bench/bench_decode.py --shape llama3-8b --device cuda --lengths 4096 32768 --batch 1 8
 
-``--profile FILE`` then runs each config once more at the last length and batch under
-``torch.profiler`` (CPU and CUDA) and writes each one's op table and its host and device time
-per decode step. ``--no-cudnn-attention`` keeps SDPA off cuDNN (see the flag's help).
+``--profile FILE`` then runs each config's decode steps once more at the last length and batch
+under ``torch.profiler`` (CPU and CUDA) and writes each one's op table, with its wall time, kernel
+time and kernel launches per step. ``--no-cudnn-attention`` keeps SDPA off cuDNN (see the flag's help).
 """
 
 from __future__ import annotations
