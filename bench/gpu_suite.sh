@@ -47,7 +47,7 @@ fi
 common=(bench/bench_decode.py --shape "$shape" --device "$device" --decode-tokens 16 --no-cudnn-attention)
 step decode_b1 "${LIMIT_B1:-170}" "$py" "${common[@]}" --lengths "$short" "$long" --batch 1 --repeats "${REPEATS:-3}" \
     --configs transformers full default fast lossless8 --json "$out/decode_b1.json"
-step decode_b8 "${LIMIT_B8:-150}" "$py" "${common[@]}" --lengths "$long" --batch 8 --repeats "${REPEATS_B8:-2}" \
+step decode_b8 "${LIMIT_B8:-180}" "$py" "${common[@]}" --lengths "$long" --batch 8 --repeats "${REPEATS_B8:-2}" \
     --configs ${B8_CONFIGS:-full default fast} --json "$out/decode_b8.json"
 step profile 60 "$py" "${common[@]}" --lengths "$short" --batch 1 --repeats 1 --configs full default \
     --profile "$out/profile_ops.txt"
