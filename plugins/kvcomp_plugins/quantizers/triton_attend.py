@@ -38,7 +38,8 @@ BLOCK_T = 64
 NUM_WARPS = 8
 """Warps per block program. With Triton's default of 4, ptxas gives the program 255 registers a
 thread and spills 136-1416 bytes of it to local memory (sm_90, every tier width and key axis);
-with 8, 166-206 registers and no spill (``tests/plugins/test_quant_triton.py``)."""
+with 8, 170-172 registers (64-bit offsets per batch row and KV head) and no spill
+(``tests/plugins/test_quant_triton.py``)."""
 BLOCK_P = 32
 """Slots the merge kernel reads at once."""
 DENSE_BITS = 16
@@ -51,15 +52,20 @@ def _unpack_dequant(packed_ptr, scale_ptr, zero_ptr, tok, ch, tmask, bh, N, D: t
     """Dequantised ``[BLOCK_T, D]`` float32 of tokens ``tok`` of one (batch row, KV head) ``bh``."""
     PER: tl.constexpr = 8 // BITS
     P: tl.constexpr = D // PER
-    byte = tl.load(packed_ptr + (bh * N + tok[:, None]) * P + ch[None, :] // PER, mask=tmask[:, None], other=0)
+    # (batch row, KV head) offsets in int64 (they pass 2**31 for long caches at batch > 1), added to
+    # the base pointers once; the offsets within a block stay int32 (fewer registers).
+    row0 = bh.to(tl.int64) * N
+    byte = tl.load(packed_ptr + row0 * P + (tok[:, None] * P + ch[None, :] // PER), mask=tmask[:, None], other=0)
     code = ((byte.to(tl.int32) >> ((ch[None, :] % PER) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
     if TOKEN_AXIS:
         NG: tl.constexpr = D // G
-        stat = (bh * N + tok[:, None]) * NG + ch[None, :] // G
+        base = row0 * NG
+        stat = tok[:, None] * NG + ch[None, :] // G
     else:  # per channel: one statistics row per group of G tokens
-        stat = (bh * tl.cdiv(N, G) + tok[:, None] // G) * D + ch[None, :]
-    scale = tl.load(scale_ptr + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
+        base = bh.to(tl.int64) * tl.cdiv(N, G) * D
+        stat = (tok[:, None] // G) * D + ch[None, :]
+    scale = tl.load(scale_ptr + base + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + base + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
     return code * scale + zero
 
 
@@ -69,7 +75,7 @@ def _load_block(packed_ptr, scale_ptr, zero_ptr, tok, ch, tmask, bh, N, KV_STRID
     """``[BLOCK_T, D]`` float32 keys or values of one part: loaded (full precision, ``KV_STRIDE``
     elements per (batch row, KV head)) or unpacked and dequantised (a tier)."""
     if BITS == 16:
-        return tl.load(packed_ptr + bh * KV_STRIDE + tok[:, None] * D + ch[None, :], mask=tmask[:, None],
+        return tl.load(packed_ptr + bh.to(tl.int64) * KV_STRIDE + (tok[:, None] * D + ch[None, :]), mask=tmask[:, None],
                        other=0.0).to(tl.float32)
     else:
         return _unpack_dequant(packed_ptr, scale_ptr, zero_ptr, tok, ch, tmask, bh, N, D, G, BITS, TOKEN_AXIS)
@@ -103,7 +109,7 @@ def _block_kernel(
     p = tl.exp(logits - tl.where(m == float("-inf"), 0.0, m)[:, None])  # nothing visible: every p is 0
     values = _load_block(vp_ptr, vs_ptr, vz_ptr, tok, ch, tmask, bh, N, KV_STRIDE, D, G, BITS, True)
     acc = tl.dot(p, values, input_precision="ieee")  # [BLOCK_R, D]
-    slot = (bh * P + SLOT0 + blk) * R + row
+    slot = (bh.to(tl.int64) * P + SLOT0 + blk) * R + row
     live = row < R
     tl.store(m_ptr + slot, m, mask=live)
     tl.store(l_ptr + slot, tl.sum(p, axis=1), mask=live)
@@ -113,7 +119,7 @@ def _block_kernel(
 @triton.jit(do_not_specialize=["P"])
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, P, R, D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Grid ``(B * H_kv * R,)``: the exact softmax merge of one query row's ``P`` slots."""
-    i = tl.program_id(0)  # = bh * R + row
+    i = tl.program_id(0).to(tl.int64)  # = bh * R + row
     bh = i // R
     row = i % R
     ch = tl.arange(0, D)
