@@ -181,7 +181,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
         propagator = compressor.propagator
         # The protected mask of the tokens in the stream, shared by its layers: a quantizer reads
         # the size of its residual from it (a host read on a GPU) once per stream, not per layer.
-        stream_protected: list[Tensor | None] = [None]
+        stream_protected: Tensor | None = None
         for layer_idx, decoder_layer in enumerate(self.model.layers[: self.config.num_hidden_layers]):
             n_cur = hidden.shape[1]
             capture = PrefillCapture(window_idx=window_idx)
@@ -191,6 +191,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
 
                 Called once, within this iteration, so the stream's tables it reads are this layer's.
                 """
+                nonlocal stream_protected
                 assert capture.keys is not None and capture.values is not None and capture.queries is not None
                 obs = LayerObservation(
                     layer_idx=layer_idx,
@@ -205,9 +206,9 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     n_original=n,
                     n_sink=compressor.n_sink,
                     window_rows=is_window,
-                    protected=stream_protected[0],
+                    protected=stream_protected,
                 )
-                stream_protected[0] = obs.protected_mask  # one mask object until the stream thins
+                stream_protected = obs.protected_mask  # one mask object until the stream thins
                 result = compressor.compress_layer_kv_cache(obs)
                 cache.layer(layer_idx).store_prefill(result.compressed, n_prompt=n, next_position=valid.sum(-1))
                 capture.clear()  # the full-precision K/V of this layer can go now
@@ -233,7 +234,7 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
                     compress()
             stats_tokens.append(n_cur)
             if keep is not None:
-                stream_protected[0] = None
+                stream_protected = None
                 positions = positions.gather(1, keep)
                 rope_pos, cos, sin, mask = stream_tables(hidden, positions)
                 if cache.window_token_idx is None:
@@ -313,17 +314,15 @@ def _thinning_layer(
     b, n, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     cos, sin = kwargs["position_embeddings"]
-    q = _rotate(attn.q_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
-    k = _rotate(attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
-    v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    q = _rotate(_heads(attn.q_proj(x), attn.head_dim), cos, sin)
+    k, v = _keys_values(attn, x, cos, sin)
     out, _ = kvcomp_attention_forward(attn, q, k, v, kwargs["attention_mask"], scaling=getattr(attn, "scaling", None))
     out = out.reshape(b, n, -1)
     del q, k, v, x
     keep = thin()
     if keep is not None:
         hidden, out = _gather_tokens(hidden, keep), _gather_tokens(out, keep)
-    h = hidden + attn.o_proj(out)
-    return h + layer.mlp(layer.post_attention_layernorm(h)), keep
+    return _block_output(layer, hidden, out), keep
 
 
 def _whole_layer_then_thin(
@@ -360,9 +359,8 @@ def _last_token_layer(
     window_idx = window_idx.to(hidden.device)
     rows = torch.cat([window_idx, torch.full((1,), n - 1, dtype=window_idx.dtype, device=hidden.device)])
     cos, sin = kwargs["position_embeddings"]
-    q = _rotate(attn.q_proj(x[:, rows]).view(b, rows.numel(), -1, attn.head_dim).transpose(1, 2), cos[:, rows], sin[:, rows])
-    k = _rotate(attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
-    v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    q = _rotate(_heads(attn.q_proj(x[:, rows]), attn.head_dim), cos[:, rows], sin[:, rows])
+    k, v = _keys_values(attn, x, cos, sin)
     # The selected rows keep their causal view of the stream (and a padded batch its mask).
     if attention_mask is None:
         mask = (torch.arange(n, device=hidden.device)[None, :] <= rows[:, None])[None, None]
@@ -372,7 +370,24 @@ def _last_token_layer(
     # window's queries are the first W selected rows.
     window_rows = torch.arange(window_idx.numel(), device=hidden.device)
     out, _ = kvcomp_attention_forward(attn, q, k, v, mask, scaling=getattr(attn, "scaling", None), window_rows=window_rows)
-    h = hidden[:, -1:] + attn.o_proj(out[:, -1:].reshape(b, 1, -1))
+    return _block_output(layer, hidden[:, -1:], out[:, -1:].reshape(b, 1, -1))
+
+
+def _heads(x: Tensor, head_dim: int) -> Tensor:
+    """A projection ``[B, n, h * d]`` as heads ``[B, h, n, d]``."""
+    b, n, _ = x.shape
+    return x.view(b, n, -1, head_dim).transpose(1, 2)
+
+
+def _keys_values(attn: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The rotated keys and the values ``[B, H_kv, n, d]`` of the normed stream ``x [B, n, D]``."""
+    return _rotate(_heads(attn.k_proj(x), attn.head_dim), cos, sin), _heads(attn.v_proj(x), attn.head_dim)
+
+
+def _block_output(layer: torch.nn.Module, residual: Tensor, attn_out: Tensor) -> Tensor:
+    """The rest of a pre-norm LLaMA block after attention: ``residual + o_proj(attn_out)``, then the
+    MLP's residual branch (``[B, k, D]`` for the ``k`` rows given)."""
+    h = residual + layer.self_attn.o_proj(attn_out)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 

@@ -75,7 +75,6 @@ def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_leng
     return residual, candidates
 
 
-
 def _rank_candidates(cand_scores: Tensor, cand_padding: Tensor) -> Tensor:
     """Candidate indices ``[B, H_kv, n_c]`` best first: real before padding, then score
     descending, then most recent first (so ties are broken deterministically)."""
