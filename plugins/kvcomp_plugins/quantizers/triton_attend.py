@@ -37,7 +37,8 @@ BLOCK_T = 64
 """Tokens per block (one ``tl.dot``)."""
 NUM_WARPS = 8
 """Warps per block program. With Triton's default of 4, ptxas gives the program 255 registers a
-thread and spills 136-1416 bytes of it to local memory (sm_90, every tier width and key axis);
+thread and spills 136-1416 bytes of it to local memory (sm_90, every tier width and key axis,
+triton 3.9.0);
 with 8, 170-172 registers (64-bit offsets per batch row and KV head) and no spill
 (``tests/plugins/test_quant_triton.py``)."""
 BLOCK_P = 32
