@@ -24,9 +24,10 @@ Random weights of a real shape on a GPU (batch 1 and 8)::
 
     python bench/bench_decode.py --shape llama3-8b --device cuda --lengths 4096 32768 --batch 1 8
 
-``--profile FILE`` then runs each config's decode steps once more at the last length and batch
-under ``torch.profiler`` (CPU and CUDA) and writes each one's op table, with its wall time, kernel
-time and kernel launches per step. ``--no-cudnn-attention`` keeps SDPA off cuDNN (see the flag's help).
+``--profile FILE`` then runs each config once more at the last length and batch, its prefill and
+its decode steps each under ``torch.profiler`` (CPU and CUDA), and writes their op tables (on CUDA
+also sorted by kernel time, which names the Triton kernels) with wall time, kernel time and kernel
+launches of the prefill and per decode step. ``--no-cudnn-attention`` keeps SDPA off cuDNN (see the flag's help).
 """
 
 from __future__ import annotations
@@ -129,9 +130,11 @@ def run_once(
     window: torch.Tensor | None,
     decode_tokens: int,
     decode_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    prefill_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """One prompt through one config (``None``: stock transformers): TTFT, decode time, KV bytes
-    and the greedy tokens. The decode steps run inside ``decode_context()`` (a profiler, say)."""
+    and the greedy tokens. The prompt's forward and first token run inside ``prefill_context()``,
+    the decode steps inside ``decode_context()`` (a profiler, say)."""
     device = ids.device
     stock = config is None
     model.set_compression(CompressionConfig() if stock else config)
@@ -143,11 +146,12 @@ def run_once(
 
         cache: Any = model.new_cache(window) if model.compressor is not None else DynamicCache(config=model.config)
         _sync(device)
-        start = time.perf_counter()
-        out = forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        ttft = time.perf_counter() - start
+        with prefill_context():
+            start = time.perf_counter()
+            out = forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            ttft = time.perf_counter() - start
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         tokens = [token]
         with decode_context():
@@ -210,11 +214,11 @@ def measure(model, configs: dict[str, CompressionConfig | None], prompts, batche
 
 def profile_configs(model, configs: dict[str, CompressionConfig | None], ids: torch.Tensor, window: torch.Tensor | None,
                     decode_tokens: int, path: Path) -> list[str]:
-    """Each config's decode steps once under ``torch.profiler`` (the prefill is not profiled);
-    writes the op tables to ``path`` and returns one line per config: wall time, device time and
-    kernel launches per step. Wall time far above device time means the step is bound by the host
-    (launches, planning, syncs), not by the device."""
-    from torch.autograd import DeviceType
+    """Each config's prefill and decode steps once more, each under its own ``torch.profiler``;
+    writes their op tables to ``path`` (on CUDA a second table per phase, sorted by kernel time,
+    names the kernels, Triton's included) and returns one line per config: wall time, device time
+    and kernel launches of the prefill and of a decode step. Wall time far above device time means
+    the phase is bound by the host (launches, planning, syncs), not by the device."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ids.device.type == "cuda"
@@ -222,20 +226,36 @@ def profile_configs(model, configs: dict[str, CompressionConfig | None], ids: to
     sections, summary = [], []
     for name, config in configs.items():
         run_once(model, config, ids, window, 1)  # warm-up
-        prof = profile(activities=activities)
-        got = run_once(model, config, ids, window, decode_tokens, decode_context=lambda: prof)
-        events = prof.key_averages()
-        # Kernels only (as the table's "Self CUDA time total"): ops report their kernels' time too.
-        device_ms = sum(e.self_device_time_total for e in events
-                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1000 if cuda else float("nan")
-        launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
-        summary.append(f"{name}: per decode step {1000 * got['decode_s'] / decode_tokens:.2f} ms wall (profiled), "
-                       f"{device_ms / decode_tokens:.2f} ms device, {launches / decode_tokens:.0f} kernel launches")
-        sections.append(f"## {name} ({ids.shape[1]} tokens, batch {ids.shape[0]}, {decode_tokens} decode steps)\n"
-                        + events.table(sort_by="self_cpu_time_total", row_limit=30))
+        prefill, decode = profile(activities=activities), profile(activities=activities)
+        got = run_once(model, config, ids, window, decode_tokens, decode_context=lambda: decode,
+                       prefill_context=lambda: prefill)
+        line = []
+        for phase, prof, wall_s, steps in (("prefill", prefill, got["ttft_s"], 1),
+                                           ("decode", decode, got["decode_s"], decode_tokens)):
+            events = prof.key_averages()
+            device_ms, launches = _device_ms(events, cuda), sum(e.count for e in events if e.key in LAUNCH_CALLS)
+            per = "per decode step " if phase == "decode" else "prefill "
+            line.append(f"{per}{1000 * wall_s / steps:.2f} ms wall (profiled), {device_ms / steps:.2f} ms device, "
+                        f"{launches / steps:.0f} kernel launches")
+            head = f"## {name} {phase} ({ids.shape[1]} tokens, batch {ids.shape[0]}" + (
+                f", {steps} decode steps)" if phase == "decode" else ")")
+            sections.append(head + ", by host time\n" + events.table(sort_by="self_cpu_time_total", row_limit=30))
+            if cuda:
+                sections.append(head + ", by kernel time\n" + events.table(sort_by="self_device_time_total", row_limit=30))
+        summary.append(f"{name}: " + "; ".join(line))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(summary) + "\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
     return summary
+
+
+def _device_ms(events: Any, cuda: bool) -> float:
+    """Kernel time (ms) of a profile's averaged events: kernels only, as the table's "Self CUDA
+    time total" (ops report their kernels' time too); NaN without CUDA."""
+    from torch.autograd import DeviceType
+
+    if not cuda:
+        return float("nan")
+    return sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1000
 
 
 def paired_ttft(row: dict[str, Any], full: dict[str, Any]) -> tuple[float, int]:

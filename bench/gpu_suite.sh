@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/benchmarks.md ("On a GPU") in one prepared run: the Triton and CUDA tests,
-# the decode/TTFT table on random weights of the Llama-3-8B shape at batch 1 (4k and 32k tokens)
-# and batch 8 (32k), a profile of `full` and `default` decode steps at 4k, and the 4k row with
+# one layer's decode attention alone (bench/bench_attend.py), the decode/TTFT table on random
+# weights of the Llama-3-8B shape at batch 1 (4k and 32k tokens) and batch 8 (32k), a profile of
+# `full` and `default` (prefill and decode steps) at 4k, and the 4k row with
 # torch's own SDPA choice (cuDNN). Each step is time-boxed, so one failure leaves the others' output.
 #
 #   bench/gpu_suite.sh OUTDIR          # on a CUDA machine, from the repository root
@@ -44,6 +45,10 @@ step setup 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,c
 if [ "$device" = cuda ]; then
     step setup 100 "$py" -m pytest -q -p no:cacheprovider -n 8 tests/plugins/test_quant_triton.py tests/kvcore/test_cuda.py
 fi
+# One layer's decode attention alone (packed tiers against SDPA over the dense cache): whether a
+# slow decode step is the attention kernels' doing.
+step attend "${LIMIT_ATTEND:-90}" "$py" bench/bench_attend.py --device "$device" --lengths "$short" "$long" --batch 1 8 \
+    --json "$out/attend.json"
 common=(bench/bench_decode.py --shape "$shape" --device "$device" --decode-tokens 16 --no-cudnn-attention)
 step decode_b1 "${LIMIT_B1:-170}" "$py" "${common[@]}" --lengths "$short" "$long" --batch 1 --repeats "${REPEATS:-3}" \
     --configs transformers full default fast lossless8 --json "$out/decode_b1.json"

@@ -1,6 +1,6 @@
 """``bench/bench_decode.py`` on the tiny shape: it runs every config, ratios are against ``full``,
 stock transformers decodes the same greedy tokens as kvcomp's own uncompressed path, ``--profile``
-writes each config's op table; the bench
+writes each config's prefill and decode op tables; the bench
 scripts that share its config resolver refuse bad arguments before loading a model."""
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ def test_tiny_shape_times_every_config_against_full(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     summary, *tables = profile.read_text().split("\n## ")
     assert [line.split(":")[0] for line in summary.strip().splitlines()] == ["transformers", "full", "default"]
-    assert tables[2].startswith("default (160 tokens, batch 2, 3 decode steps)") and "aten::" in tables[2]
+    assert [t.split(",")[0] for t in tables] == [f"{c} {p} (160 tokens" for c in ("transformers", "full", "default")
+                                                 for p in ("prefill", "decode")]  # no CUDA: host-time tables only
+    assert tables[5].startswith("default decode (160 tokens, batch 2, 3 decode steps), by host time") and "aten::" in tables[5]
+    assert "prefill" in summary.splitlines()[2] and "per decode step" in summary.splitlines()[2]
     rows = {(r["config"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(c, b) for c in ("transformers", "full", "default") for b in (1, 2)}
     for batch in (1, 2):
@@ -104,7 +107,10 @@ def test_the_gpu_suite_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
                           timeout=300, env=env, cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in tmp_path.iterdir()} == {
-        "setup.txt", "decode_b1.txt", "decode_b1.json", "decode_b8.txt", "decode_b8.json", "profile.txt", "profile_ops.txt"}
-    for step in ("decode_b1", "decode_b8", "profile"):
+        "setup.txt", "attend.txt", "attend.json", "decode_b1.txt", "decode_b1.json", "decode_b8.txt", "decode_b8.json",
+        "profile.txt", "profile_ops.txt"}
+    for step in ("attend", "decode_b1", "decode_b8", "profile"):
         assert "exit 0 after" in (tmp_path / f"{step}.txt").read_text(), step
     assert "| 128 | 8 | default |" in proc.stdout
+    assert {(r["tokens"], r["batch"], r["impl"]) for r in json.loads((tmp_path / "attend.json").read_text())["rows"]} == {
+        (n, b, impl) for n in (96, 128) for b in (1, 8) for impl in ("sdpa", "kvcomp", "kvcomp-torch")}
