@@ -1,5 +1,6 @@
 """Compressed prefill and decode read tensor values on the host a fixed number of times per prompt
-(per stream between two thinnings), never once per layer or per decode step.
+(per stream between two thinnings), never once per layer or per decode step; a layer's split
+sorts twice, what depends on the stream alone is sorted once per stream.
 
 On a GPU each such read (``int(t.max())``, ``bool(t.any())``, ``nonzero``) makes the host wait
 for every queued kernel, so a read per layer would stop the host from launching ahead of the
@@ -28,30 +29,34 @@ HOST_READS = {
 }
 
 
-class CountHostReads(TorchFunctionMode):
-    def __init__(self) -> None:
+SORTS = {torch.sort, torch.argsort, torch.Tensor.sort, torch.Tensor.argsort, torch.topk, torch.Tensor.topk}
+
+
+class CountCalls(TorchFunctionMode):
+    def __init__(self, funcs: set) -> None:  # type: ignore[type-arg]
         super().__init__()
+        self.funcs = funcs
         self.reads: collections.Counter[str] = collections.Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func in HOST_READS:
+        if func in self.funcs:
             self.reads[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _reads(layers: int, config: CompressionConfig, batch: int) -> tuple[int, int]:
-    """Host reads of one prefill (after a warm-up one) and of 4 decode steps."""
+def _reads(layers: int, config: CompressionConfig, batch: int, funcs: set = HOST_READS) -> tuple[int, int]:  # type: ignore[type-arg]
+    """Calls of ``funcs`` (host reads) in one prefill (after a warm-up one) and in 4 decode steps."""
     torch.manual_seed(0)
     model = CompressedLlamaForCausalLM(tiny_config(num_hidden_layers=layers)).eval()
     model.set_compression(config)
     ids = torch.randint(3, 98, (batch, 300), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
-        with CountHostReads() as prefill:
+        with CountCalls(funcs) as prefill:
             out = model(input_ids=ids, cache=model.new_cache(), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         model(input_ids=token, cache=out.cache, use_cache=True)  # the first step opens the dense store
-        with CountHostReads() as decode:
+        with CountCalls(funcs) as decode:
             for _ in range(4):
                 model(input_ids=token, cache=out.cache, use_cache=True)
     return sum(prefill.reads.values()), sum(decode.reads.values())
@@ -75,6 +80,16 @@ def test_host_reads_do_not_grow_with_the_layers(preset: str, overrides: dict, ba
     assert few == many, f"host reads (prefill, decode) with 4 layers {few}, with 12 layers {many}"
     assert many[1] == 0, "a decode step reads nothing on the host"
     assert many[0] <= 4 + 3 * 2, "at most a few per prompt and per thinning"
+
+
+def test_a_layer_sorts_twice_and_a_stream_sorts_its_slots_once() -> None:
+    # Sorting is several kernels on a GPU. The slots' split into residual and candidates depends on
+    # the stream alone (three sorts), so it is made once per stream; a layer ranks its candidates
+    # (one sort) and puts every tier in position order (one sort for all tiers).
+    config = CompressionConfig.from_preset("default").with_overrides({"quantizer.backend": "torch"})
+    few, many = _reads(4, config, 1, SORTS)[0], _reads(12, config, 1, SORTS)[0]
+    assert (many - few) == 2 * (12 - 4), f"sorts per prefill: {few} with 4 layers, {many} with 12"
+    assert few - 2 * 4 == 3, "the stream's own sorts"
 
 
 def test_last_read_is_remembered_for_the_same_unchanged_tensors_only() -> None:

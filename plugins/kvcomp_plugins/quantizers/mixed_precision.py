@@ -248,7 +248,7 @@ class MixedPrecisionQuantizer:
             ]
         else:
             idx = [split.residual_idx.unsqueeze(1).expand(b, h, -1), *split.tier_idx]
-            k_parts, v_parts = gather_parts(keys, idx), gather_parts(values, idx)
+            k_parts, v_parts = gather_parts([keys, values], idx)
             residual_keys, residual_values = k_parts[0], v_parts[0]
             tiers = self._quantize_tiers(
                 [(k, v, pos, bits) for k, v, pos, bits in zip(k_parts[1:], v_parts[1:], split.tier_positions, split.tier_bits)]

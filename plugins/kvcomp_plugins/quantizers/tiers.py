@@ -52,11 +52,30 @@ def tier_counts(n_candidates: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-_RESIDUAL_COUNT: LastRead[int] = LastRead()
+@dataclass(frozen=True)
+class _StreamSlots:
+    """What a layer's split takes from its stream alone (positions and protected slots), the same
+    for every layer until propagation thins the stream."""
+
+    residual: Tensor  # [B, n_r] ascending
+    candidates: Tensor  # [B, n_c] ascending
+    candidate_positions: Tensor  # [B, n_c]
+    padded: bool  # some slot of the stream is padding (then some candidate may be)
 
 
-def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_length: int) -> tuple[Tensor, Tensor]:
-    """Ascending slot indices ``([B, n_r], [B, N - n_r])`` of residual and candidate tokens.
+# The stream's slots, kept for the very tensors of the last call (see .memo): each layer of a
+# stream would otherwise sort its slots again (three sorts and ~15 small ops per layer on a GPU),
+# and it is also where the one host read of a stream is made.
+_STREAM_SLOTS: LastRead[_StreamSlots] = LastRead()
+
+
+def _stream_slots(positions: Tensor, protected: Tensor, residual_length: int) -> _StreamSlots:
+    return _STREAM_SLOTS.get([positions, protected], (residual_length,),
+                             lambda: _residual_and_candidates(positions, protected, residual_length))
+
+
+def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_length: int) -> _StreamSlots:
+    """Ascending slot indices ``[B, n_r]`` and ``[B, N - n_r]`` of residual and candidate tokens.
 
     Residual = protected slots plus the last ``residual_length`` slots. Rows with fewer such
     slots than the fullest row are topped up with padding slots, then with their most recent
@@ -65,24 +84,26 @@ def _residual_and_candidates(positions: Tensor, protected: Tensor, residual_leng
     b, n = positions.shape
     slot = torch.arange(n, device=positions.device)
     wanted = protected | (slot >= n - residual_length).unsqueeze(0)
-    # The fullest row's residual: a host read, once per stream (see .memo).
-    n_res = _RESIDUAL_COUNT.get([protected], (n, residual_length), lambda: int(wanted.sum(dim=1).max()) if b else 0)
+    # One host read: the fullest row's residual, and whether there is padding at all.
+    n_res, padded = torch.stack([wanted.sum(dim=1).max(), (positions < 0).any()]).tolist() if b else (0, False)
     priority = torch.where(wanted, 2, torch.where(positions < 0, 1, 0))
     key = priority * (n + 1) + slot  # unique per row: priority first, then recency
     order = torch.argsort(key, dim=1, descending=True, stable=True)
     residual = order[:, :n_res].sort(dim=1).values
     candidates = order[:, n_res:].sort(dim=1).values
-    return residual, candidates
+    return _StreamSlots(residual, candidates, positions.gather(1, candidates), bool(padded))
 
 
-def _rank_candidates(cand_scores: Tensor, cand_padding: Tensor) -> Tensor:
-    """Candidate indices ``[B, H_kv, n_c]`` best first: real before padding, then score
-    descending, then most recent first (so ties are broken deterministically)."""
+def _rank_candidates(cand_scores: Tensor, cand_padding: Tensor | None) -> Tensor:
+    """Candidate indices ``[B, H_kv, n_c]`` best first: real before padding (``cand_padding``,
+    ``None`` if there is none), then score descending, then most recent first (so ties are
+    broken deterministically)."""
     n_c = cand_scores.shape[-1]
     scores = torch.nan_to_num(cand_scores.flip(-1), nan=float("-inf"))
-    by_score = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    padding = cand_padding.flip(-1).to(torch.uint8).gather(-1, by_score)
-    order = by_score.gather(-1, torch.argsort(padding, dim=-1, stable=True))
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    if cand_padding is not None:
+        padding = cand_padding.flip(-1).to(torch.uint8).gather(-1, order)
+        order = order.gather(-1, torch.argsort(padding, dim=-1, stable=True))
     return n_c - 1 - order  # undo the flip
 
 
@@ -105,52 +126,67 @@ def split_tokens(
         tiers: ``(bits, fraction)`` highest precision first; fractions of the candidates.
     """
     b, n = positions.shape
-    residual, cand = _residual_and_candidates(positions, protected, residual_length)
+    stream = _stream_slots(positions, protected, residual_length)
+    cand, cand_pos = stream.candidates, stream.candidate_positions
     n_c = cand.shape[1]
-    cand_pos = positions.gather(1, cand)  # [B, n_c]
     if scores is None:
         cand_scores = torch.zeros(b, n_kv_heads, n_c, dtype=torch.float32, device=positions.device)
     else:
         cand_scores = scores.to(torch.float32).gather(2, cand.unsqueeze(1).expand(b, n_kv_heads, n_c))
-    ranked = _rank_candidates(cand_scores, (cand_pos < 0).unsqueeze(1).expand(b, n_kv_heads, n_c))
+    padding = (cand_pos < 0).unsqueeze(1).expand(b, n_kv_heads, n_c) if stream.padded else None
+    ranked = _rank_candidates(cand_scores, padding)
     counts = tier_counts(n_c, [frac for _, frac in tiers])
-    tier_bits, tier_idx, tier_pos, start = [], [], [], 0
-    big = torch.iinfo(torch.int64).max
-    for (bits, _), count in zip(tiers, counts):
-        if count == 0:
-            continue
-        chosen = ranked[..., start : start + count]  # candidate indices [B, H_kv, k]
+    kept = [(bits, count) for (bits, _), count in zip(tiers, counts) if count]
+    slots = cand.unsqueeze(1).expand(b, n_kv_heads, n_c)
+    pos = cand_pos.unsqueeze(1).expand(b, n_kv_heads, n_c)
+    # Each tier in position order (neighbours share a per-channel key group; padding goes last):
+    # one sort of every candidate by (tier, position), the dropped ones last, cut at the counts.
+    label = torch.zeros(n_c, dtype=torch.int64, device=positions.device)
+    rank = torch.arange(n_c, device=positions.device)
+    done = 0
+    for _, count in kept:
+        done += count
+        label += rank >= done  # the rank's tier; len(kept) = dropped
+    tier_of = torch.empty_like(ranked).scatter_(2, ranked, label.expand(b, n_kv_heads, n_c))
+    big = torch.iinfo(torch.int32).max + 1  # above every position
+    within = pos
+    if padding is not None:  # padding after the real tokens of its tier, in rank order
+        rank_of = torch.empty_like(ranked).scatter_(2, ranked, rank.expand(b, n_kv_heads, n_c))
+        within = torch.where(padding, big + rank_of, pos)
+    order = torch.argsort(tier_of * (2 * big) + within, dim=-1, stable=True)
+    tier_idx, tier_pos, start = [], [], 0
+    for _, count in kept:
+        chosen = order[..., start : start + count]
         start += count
-        slots = cand.unsqueeze(1).expand(b, n_kv_heads, n_c).gather(2, chosen)
-        pos = positions.gather(1, slots.reshape(b, -1)).reshape(slots.shape)
-        # Position order puts neighbours in the same per-channel key group; padding goes last.
-        within = torch.argsort(torch.where(pos < 0, big, pos), dim=-1, stable=True)
-        tier_bits.append(bits)
-        tier_idx.append(slots.gather(2, within))
-        tier_pos.append(pos.gather(2, within).to(torch.int32))
-    return TokenSplit(residual, tier_bits, tier_idx, n_c - sum(counts), tier_pos)
+        tier_idx.append(slots.gather(2, chosen))
+        tier_pos.append(pos.gather(2, chosen).to(torch.int32))
+    return TokenSplit(stream.residual, [bits for bits, _ in kept], tier_idx, n_c - sum(counts), tier_pos)
 
 
-def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """``x`` ``[B, H_kv, N, d]`` at slot indices ``idx`` ``[B, H_kv, k]`` -> ``[B, H_kv, k, d]``."""
-    return gather_parts(x, [idx])[0]
-
-
-def gather_parts(x: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
-    """``x`` ``[B, H_kv, N, d]`` at the slot indices of each part (``[B, H_kv, k_i]``): one
-    ``[B, H_kv, k_i, d]`` tensor per part, all taken by a single row copy.
+def gather_parts(tensors: Sequence[Tensor], parts: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Each of ``tensors`` (``[B, H_kv, N, d]``, keys and values, say) at the slot indices of each
+    part (``[B, H_kv, k_i]``): per tensor, one ``[B, H_kv, k_i, d]`` tensor per part, all taken by
+    a single row copy.
 
     One ``index_select`` of whole ``d``-rows replaces a ``gather`` per part with an index per
     element (several times slower on a CPU). Keys and values straight from the attention are laid
-    out ``[B, N, H_kv, d]`` in memory; that layout is indexed as it is, without a copy.
+    out ``[B, N, H_kv, d]`` in memory; that layout is indexed as it is, without a copy. The row
+    indices are computed once per layout, not per tensor.
     """
-    b, h, n, d = x.shape
     idx = torch.cat(list(parts), dim=-1) if len(parts) > 1 else parts[0]  # [B, H_kv, K]
-    if x.transpose(1, 2).is_contiguous():  # memory [B, N, H_kv, d]
-        flat = x.transpose(1, 2).reshape(b * n * h, d)
-        rows = (idx + (torch.arange(b, device=x.device) * n).view(b, 1, 1)) * h + torch.arange(h, device=x.device).view(1, h, 1)
-    else:
-        flat = x.contiguous().view(b * h * n, d)
-        rows = idx + (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
-    taken = flat.index_select(0, rows.reshape(-1)).view(b, h, -1, d)
-    return list(taken.split([p.shape[-1] for p in parts], dim=2))
+    sizes = [p.shape[-1] for p in parts]
+    rows_by_layout: dict[bool, Tensor] = {}
+    out = []
+    for x in tensors:
+        b, h, n, d = x.shape
+        token_major = x.transpose(1, 2).is_contiguous()  # memory [B, N, H_kv, d]
+        flat = x.transpose(1, 2).reshape(b * n * h, d) if token_major else x.contiguous().view(b * h * n, d)
+        if token_major not in rows_by_layout:
+            if token_major:
+                rows = (idx + (torch.arange(b, device=x.device) * n).view(b, 1, 1)) * h + torch.arange(h, device=x.device).view(1, h, 1)
+            else:
+                rows = idx + (torch.arange(b * h, device=x.device) * n).view(b, h, 1)
+            rows_by_layout[token_major] = rows.reshape(-1)
+        taken = flat.index_select(0, rows_by_layout[token_major]).view(b, h, -1, d)
+        out.append(list(taken.split(sizes, dim=2)))
+    return out
