@@ -4,7 +4,8 @@ On a GPU every small torch op of the compression path is a kernel launch (micros
 time, and a few of device time however small its tensors), so their count is what the
 per-layer cost of compression scales with at short prompts. This script counts them without a
 GPU: one prefill of a tiny random Llama model per config, through the quantizer backend a GPU
-uses (``triton``, run by Triton's interpreter on a CPU, or ``torch``), under a torch dispatch
+uses (``triton``, run by Triton's interpreter on a CPU, or ``torch``) and without the CPU's C
+kernels (``KVCOMP_NATIVE=0``, so the scorer runs the torch ops a GPU runs), under a torch dispatch
 mode that records every op except views and the interpreter's own copies. Triton kernel
 launches are not torch ops and are not counted.
 
@@ -21,6 +22,7 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+os.environ.setdefault("KVCOMP_NATIVE", "0")  # no C kernels, as on a GPU: the scorer runs its torch ops
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from kvcore.config import CompressionConfig
 from kvcore.model import CompressedLlamaForCausalLM
-from kvcomp_plugins.quantizers.memo import LastRead
+from kvcomp_plugins.memo import LastRead
 
 from tiny_models import SHORT_PROMPT_PROPAGATION, tiny_config
 
@@ -90,6 +90,21 @@ def test_a_layer_sorts_twice_and_a_stream_sorts_its_slots_once() -> None:
     few, many = _reads(4, config, 1, SORTS)[0], _reads(12, config, 1, SORTS)[0]
     assert (many - few) == 2 * (12 - 4), f"sorts per prefill: {few} with 4 layers, {many} with 12"
     assert few - 2 * 4 == 3, "the stream's own sorts"
+
+
+def test_the_scorer_builds_its_window_view_once_per_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The window queries' positions, weights and visibility mask depend on the stream alone.
+    from kvcomp_plugins.scorers import _common
+
+    built = []
+    view = _common._window_view
+    monkeypatch.setattr(_common, "_window_view", lambda *a, **k: built.append(1) or view(*a, **k))
+    config = CompressionConfig.from_preset("default").with_overrides({"quantizer.backend": "torch"})
+    _reads(4, config, 1)
+    few = len(built)
+    built.clear()
+    _reads(12, config, 1)
+    assert few == len(built) == 2, "one per prefill (a warm-up and the counted one), whatever the depth"
 
 
 def test_last_read_is_remembered_for_the_same_unchanged_tensors_only() -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kvcore.batching import stack_rows
 from kvcore.types import CompressedLayer
-from kvcomp_plugins.quantizers.memo import LastRead
+from kvcomp_plugins.memo import LastRead
 
 RowCompressor = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], CompressedLayer]
 
@@ -32,7 +32,7 @@ def rows_differ(positions: Tensor, protected: Tensor) -> bool:
     """
     if positions.shape[0] == 1:
         return False
-    # Host reads, once per prefill stream (see .memo).
+    # Host reads, once per prefill stream (see kvcomp_plugins.memo).
     return _ROWS_DIFFER.get(
         [positions, protected], (), lambda: bool((positions < 0).any()) or not bool((protected == protected[:1]).all())
     )

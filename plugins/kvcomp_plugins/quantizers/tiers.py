@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kvcomp_plugins.quantizers.memo import LastRead
+from kvcomp_plugins.memo import LastRead
 
 
 @dataclass
@@ -63,9 +63,9 @@ class _StreamSlots:
     padded: bool  # some slot of the stream is padding (then some candidate may be)
 
 
-# The stream's slots, kept for the very tensors of the last call (see .memo): each layer of a
-# stream would otherwise sort its slots again (three sorts and ~15 small ops per layer on a GPU),
-# and it is also where the one host read of a stream is made.
+# The stream's slots, kept for the very tensors of the last call (see kvcomp_plugins.memo): each
+# layer of a stream would otherwise sort its slots again (three sorts and ~15 small ops per layer
+# on a GPU), and it is also where the one host read of a stream is made.
 _STREAM_SLOTS: LastRead[_StreamSlots] = LastRead()
 
 

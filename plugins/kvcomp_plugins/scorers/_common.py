@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor
 
 from kvcomp_plugins import native
+from kvcomp_plugins.memo import LastRead
 from kvcore.types import LayerObservation, materialised
 
 PROTECTED_SCORE = 2.0
@@ -147,22 +148,15 @@ def window_attention(obs: LayerObservation) -> Tensor:
     """
     keys = obs.keys.float()
     b, h_kv, n, d = keys.shape
-    q_pos = obs.window_query_positions  # [B, W]
-    q_valid = q_pos >= 0
-    # A valid query sees keys at original positions 0..its own; a padding query sees every real key
-    # (its row stays finite and its weight below is 0), so no row is empty.
-    sees_upto = torch.where(q_valid, q_pos, torch.iinfo(q_pos.dtype).max)
     g, w = obs.queries.shape[1] // h_kv, obs.queries.shape[2]
-    # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
-    n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
-    q_weight = q_valid.float() / (g * n_valid[:, None]).float()  # [B, W]
-    if d <= native.MAX_HEAD_DIM and _in_c(keys):
+    in_c = d <= native.MAX_HEAD_DIM and _in_c(keys)
+    # The same for every layer of a stream: kept for the stream's tensors (see kvcomp_plugins.memo).
+    tensors = [obs.positions, obs.window_idx] + ([obs.window_rows] if obs.window_rows is not None else [])
+    sees_upto, q_weight, hidden = _WINDOW_VIEW.get(tensors, (g, in_c), lambda: _window_view(obs, g, not in_c))
+    if in_c:
         return _window_attention_c(obs.queries, keys, sees_upto, obs.positions, q_weight)
 
     queries = _grouped(obs.queries.float(), h_kv)  # [B, H_kv, g, W, d]
-    k_pos = obs.positions
-    # [B, 1, 1, W, N], True = masked: a key the query may not see (later, or padding).
-    hidden = ((k_pos[:, None, :] > sees_upto[:, :, None]) | (k_pos[:, None, :] < 0))[:, None, None]
 
     s_q = _abs_max(queries, (2, 3, 4))  # [B, H_kv, 1, 1, 1]
     s_k = _abs_max(keys, (2, 3))  # [B, H_kv, 1, 1]
@@ -181,6 +175,29 @@ def window_attention(obs: LayerObservation) -> Tensor:
         weights = q_weight[:, None, None, :].expand(-1, probs.shape[1], g, -1).reshape(b, probs.shape[1], 1, g * w)
         out.append(torch.matmul(weights, probs.reshape(b, probs.shape[1], g * w, n)).squeeze(2))
     return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+
+_WINDOW_VIEW: LastRead[tuple[Tensor, Tensor, Tensor | None]] = LastRead()
+
+
+def _window_view(obs: LayerObservation, g: int, with_mask: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What :func:`window_attention` needs of the stream alone: the last position each window
+    query sees ``[B, W]``, each query's weight in the mean ``[B, W]`` and (``with_mask``) the mask
+    ``[B, 1, 1, W, N]`` of the keys each query may not see."""
+    q_pos = obs.window_query_positions  # [B, W]
+    q_valid = q_pos >= 0
+    # A valid query sees keys at original positions 0..its own; a padding query sees every real key
+    # (its row stays finite and its weight is 0), so no row is empty.
+    sees_upto = torch.where(q_valid, q_pos, torch.iinfo(q_pos.dtype).max)
+    # Each valid query contributes 1 / (g * n_valid) of the mean; padding queries contribute 0.
+    n_valid = q_valid.sum(dim=1).clamp_min(1)  # [B]
+    q_weight = q_valid.float() / (g * n_valid[:, None]).float()  # [B, W]
+    if not with_mask:
+        return sees_upto, q_weight, None
+    k_pos = obs.positions
+    # True = masked: a key the query may not see (later, or padding).
+    hidden = ((k_pos[:, None, :] > sees_upto[:, :, None]) | (k_pos[:, None, :] < 0))[:, None, None]
+    return sees_upto, q_weight, hidden
 
 
 def _window_attention_c(queries: Tensor, keys: Tensor, sees_upto: Tensor, k_pos: Tensor, q_weight: Tensor) -> Tensor:
@@ -297,15 +314,14 @@ def minmax_normalise(scores: Tensor, mask: Tensor) -> Tensor:
     """
     if _in_c(scores):
         return _rows_in_c("kvc_minmax", scores, mask)
-    m = mask[:, None, :]
-    lo = scores.masked_fill(~m, float("inf")).amin(dim=-1, keepdim=True)
-    hi = scores.masked_fill(~m, float("-inf")).amax(dim=-1, keepdim=True)
+    # Few ops on purpose: on a GPU each is a launch, and this runs once per layer.
+    hidden = ~mask[:, None, :]
+    lo = scores.masked_fill(hidden, float("inf")).amin(dim=-1, keepdim=True)
+    hi = scores.masked_fill(hidden, float("-inf")).amax(dim=-1, keepdim=True)
     span = hi - lo
-    has_range = torch.isfinite(span) & (span > 0)
-    safe_lo = torch.where(has_range, lo, torch.zeros_like(lo))
-    safe_span = torch.where(has_range, span, torch.ones_like(span))
-    out = ((scores - safe_lo) / safe_span).clamp(0.0, 1.0)
-    return torch.where(has_range, out, torch.zeros_like(out))
+    has_range = (span > 0) & (span < float("inf"))  # finite and positive (NaN fails both)
+    out = ((scores - lo.where(has_range, 0.0)) / span.where(has_range, 1.0)).clamp_(0.0, 1.0)
+    return out.where(has_range, 0.0)
 
 
 def finalise(scores: Tensor, obs: LayerObservation) -> Tensor:
@@ -313,8 +329,5 @@ def finalise(scores: Tensor, obs: LayerObservation) -> Tensor:
 
     ``scores`` is ``[B, H_kv, N]`` with candidates already in ``[0, 1]``; returns float32.
     """
-    scores = scores.float()
-    protected = obs.protected_mask[:, None, :]
-    padding = obs.padding_mask[:, None, :]
-    scores = torch.where(protected, torch.full_like(scores, PROTECTED_SCORE), scores)
-    return torch.where(padding, torch.full_like(scores, PADDING_SCORE), scores)
+    scores = torch.where(obs.protected_mask[:, None, :], PROTECTED_SCORE, scores.float())
+    return torch.where(obs.padding_mask[:, None, :], PADDING_SCORE, scores)

@@ -1,11 +1,13 @@
-"""Host reads of tensors, remembered across the layers of one prefill stream.
+"""What a prefill stream's tensors give, remembered across the layers of the stream.
 
 Reading a tensor's value on the host (``int(t.max())``, ``bool(t.any())``) makes the host wait
 for every kernel queued before it on a GPU, and a prefill that waits once per layer can no longer
-launch ahead of the device. What such reads look at here (the positions and protected slots of
-the tokens in the stream) changes only when propagation thins the stream, and the prefill hands
-the same tensor objects to every layer until then. So a read is remembered for the tensor
-objects it was made on, by identity and in-place version: one wait per stream, not per layer.
+launch ahead of the device; on a GPU each small op is also a launch. What such reads and ops
+look at here (the positions, protected slots and window of the tokens in the stream) changes
+only when propagation thins the stream, and the prefill hands the same tensor objects to every
+layer until then. So a host read, or a small tensor every layer would derive again, is
+remembered for the tensor objects it was made from, by identity and in-place version: once per
+stream, not per layer. Scorers and quantizers share this module.
 """
 
 from __future__ import annotations
