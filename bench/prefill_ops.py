@@ -3,7 +3,7 @@
 On a GPU every small torch op of the compression path is a kernel launch (microseconds of host
 time, and a few of device time however small its tensors), so their count is what the
 per-layer cost of compression scales with at short prompts. This script counts them without a
-GPU: one prefill of a tiny random Llama model per config, through the quantizer backend a GPU
+GPU: one prefill of a random Llama of ``bench_prefill.py``'s ``tiny`` shape per config, through the quantizer backend a GPU
 uses (``triton``, run by Triton's interpreter on a CPU, or ``torch``) and without the CPU's C
 kernels (``KVCOMP_NATIVE=0``, so the scorer runs the torch ops a GPU runs), under a torch dispatch
 mode that records every op except views and the interpreter's own copies. Triton kernel
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
+from bench_prefill import SHAPES  # noqa: E402
 from kvcore.config import CompressionConfig  # noqa: E402
 from kvcore.model import CompressedLlamaForCausalLM  # noqa: E402
 
@@ -59,13 +60,13 @@ class CountOps(TorchDispatchMode):
 
 
 def count(config: CompressionConfig, layers: int, tokens: int) -> CountOps:
-    """Ops of one prefill (after a warm-up one) of a tiny Llama with ``layers`` layers."""
+    """Ops of one prefill (after a warm-up one) of the ``tiny`` shape with ``layers`` layers."""
     torch.manual_seed(0)
-    model = CompressedLlamaForCausalLM(LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-        vocab_size=1000, max_position_embeddings=max(8192, tokens))).eval()
+    shape = {**SHAPES["tiny"], "num_hidden_layers": layers,
+             "max_position_embeddings": max(SHAPES["tiny"]["max_position_embeddings"], tokens)}
+    model = CompressedLlamaForCausalLM(LlamaConfig(**shape)).eval()
     model.set_compression(config)
-    ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, shape["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))
     window = torch.arange(tokens - 16, tokens)
     with torch.no_grad():
         model(input_ids=ids, cache=model.new_cache(window), use_cache=True, logits_to_keep=1)

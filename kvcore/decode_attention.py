@@ -64,20 +64,14 @@ def attend_dense(rows: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None
 
 
 def merge_parts(parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """Exact attention output from per-part ``(output [..., r, d], lse [..., r])`` pairs."""
+    """Exact attention output ``[..., r, d]`` from per-part ``(output [..., r, d], lse [..., r])``
+    pairs (``lse`` is ``-inf`` where a part saw nothing; a row that saw nothing in any part gets
+    0, not NaN)."""
     if len(parts) == 1:
         return parts[0][0]
-    return merge_stacked(torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts]))[0]
-
-
-def merge_stacked(outputs: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """The merge of parts stacked along dim 0: ``outputs [P, ..., r, d]`` (each part's normalised
-    output) and ``lse [P, ..., r]`` (``-inf`` where a part saw nothing); returns the merged
-    output ``[..., r, d]`` and its log-sum-exp ``[..., r]`` (0 and ``-inf`` for rows that saw
-    nothing in any part, not NaN)."""
+    outputs, lse = torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts])
     top = lse.amax(dim=0)
     top = torch.where(torch.isinf(top), 0.0, top)
     weights = torch.exp(lse - top)  # [P, ..., r]
     total = weights.sum(dim=0)
-    out = (weights.unsqueeze(-1) * outputs).sum(dim=0) / torch.where(total > 0, total, 1.0).unsqueeze(-1)
-    return out, top + torch.log(total)
+    return (weights.unsqueeze(-1) * outputs).sum(dim=0) / torch.where(total > 0, total, 1.0).unsqueeze(-1)

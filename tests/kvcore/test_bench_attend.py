@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_attend.py"
 
@@ -39,9 +40,15 @@ def test_a_small_layer_is_timed_for_every_implementation(tmp_path: Path) -> None
         (["--lengths", "96", "--dense", "40"], "--dense must be in 1..33"),
         (["--head-dim", "48"], "--head-dim must be a multiple of 64"),
         (["--lengths", "8"], "every --lengths must be >= 16"),
-        (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--batch", "0"], ""),
+        (["--batch", "0"], "--batch, --kv-heads, --group, --calls and --repeats must be >= 1"),
     ],
 )
 def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
     proc = _run(*args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: --device cuda is valid here")
+def test_cuda_without_a_gpu_is_refused() -> None:
+    proc = _run("--device", "cuda")
+    assert proc.returncode == 2 and "CUDA is not available here" in proc.stderr
