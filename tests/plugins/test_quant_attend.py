@@ -137,3 +137,82 @@ def test_parts_merged_by_log_sum_exp_equal_one_softmax_over_all_keys():
     empty = attend_dense(rows, keys[:, :, :4], values[:, :, :4], torch.zeros(1, 2, 3, 4, dtype=torch.bool))
     assert torch.isneginf(empty[1]).all() and torch.equal(empty[0], torch.zeros_like(empty[0]))
     torch.testing.assert_close(merge_parts([*split, empty]), whole, rtol=1e-5, atol=1e-6)
+
+
+def _long_layer(d: int, seed: int) -> tuple[list[KVTier], DensePart, list[torch.Tensor], torch.Tensor]:
+    """Tiers long enough that the C kernel cuts each head's keys into several spans, with a
+    stretch of padding longer than a span (a span some rows see nothing of) and a masked dense part."""
+    tiers = [_tier(8, 300, "channel", seed, d=d, g=32), _tier(4, 700, "channel", seed + 1, d=d, g=32),
+             _tier(2, 90, "channel", seed + 2, d=d, g=32), _tier(8, 40, "token", seed + 3, d=d, g=32)]
+    padding = [torch.zeros(2, 3, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
+    padding[0][0] = True  # batch row 0 sees none of the 8-bit tier (longer than a span) ...
+    padding[1][0, :, :, :200] = True  # ... nor the first 200 slots of the 4-bit one
+    mask = torch.ones(2, 3, 4, 6, dtype=torch.bool)
+    mask[1, :, :2, 4:] = False
+    dense = _dense(2, 3, 6, d, seed=seed + 4, mask=mask)
+    rows = torch.randn(2, 3, 4, d, generator=torch.Generator().manual_seed(seed + 5)) / d**0.5
+    return tiers, dense, padding, rows
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d", [64, 128])
+def test_native_kernel_merges_spans_of_long_layers(d, threads):
+    """Each head's keys in several spans (merged by log-sum-exp), some of them all padding for a
+    row: the same attention as one softmax, whatever the thread count."""
+    tiers, dense, padding, rows = _long_layer(d, seed=d)
+    total = sum(t.n_tokens for t in tiers) + dense.keys.shape[2]
+    assert native.spans_per_head(total, 2 * 3, threads) > 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.attend_layer(rows, tiers, dense, padding)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)
+
+
+def test_head_dims_the_kernel_does_not_serve_go_to_the_torch_path():
+    from kvcomp_plugins.quantizers import backends
+
+    tiers, dense = [_tier(4, 40, "channel", 2, d=24, g=8)], _dense(2, 3, 5, 24, seed=8)
+    rows = torch.randn(2, 3, 3, 24, generator=torch.Generator().manual_seed(9))
+    assert not native.supports(rows, dense)
+    torch.testing.assert_close(backends.attend_layer(rows, tiers, dense, None), attend.attend_layer(rows, tiers, dense))
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        native.attend_layer(rows, tiers, dense)
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and f" {flag}" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param(["-DKVC_PORTABLE"], id="portable"),
+    pytest.param(["-mno-avx512f"], id="avx2", marks=pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an AVX2 CPU")),
+])
+def test_every_build_of_the_decode_kernel_agrees(flags, tmp_path, monkeypatch):
+    """The plain loops (other CPUs) and the 8-lane AVX2 build compute what the AVX-512 build and
+    the torch reference compute: built here into a fresh folder and swapped in."""
+    import shutil
+
+    from kvcomp_plugins import native as native_build
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or native.library() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("KVCOMP_CACHE_DIR", str(tmp_path))
+    path, why = native_build._build(compiler, flags)
+    assert path is not None, why
+    monkeypatch.setattr(native, "library", lambda: native_build.load(path))
+    for d, g in [(16, 8), (64, 32)]:
+        tiers = [_tier(bits, n, axis, seed=bits + n, d=d, g=g) for bits, n, axis in [(8, 21, "channel"), (4, 300, "channel"),
+                                                                                   (2, 9, "channel"), (4, 7, "token")]]
+        padding = [torch.zeros(2, 3, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
+        padding[1][0, :, :, :11] = True
+        dense = _dense(2, 3, 5, d, seed=8)
+        rows = torch.randn(2, 3, 3, d, generator=torch.Generator().manual_seed(9)) / d**0.5
+        torch.testing.assert_close(native.attend_layer(rows, tiers, dense, padding).double(),
+                                   _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)

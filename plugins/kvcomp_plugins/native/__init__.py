@@ -13,7 +13,13 @@ Building: the first call compiles the C file with the system C compiler (``$CC``
 (``$KVCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvcomp``, else ``~/.cache/kvcomp``), keyed by
 the source, the flags and this CPU's feature flags; later processes load it in milliseconds.
 No compiler, or a failed build: one warning, and backend ``auto`` keeps the torch references
-(``native`` asked for by name raises instead). ``KVCOMP_NATIVE=0`` turns the kernels off.
+(``native`` asked for by name raises instead). ``KVCOMP_NATIVE=0`` turns the kernels off;
+``KVCOMP_NATIVE_CFLAGS`` adds compiler flags (``-march=x86-64-v3`` to build for a cluster's
+oldest CPU rather than this one, say).
+
+Decode attention works on 16 floats at a time with AVX-512 and 8 with AVX2 (the byte unpacking
+in intrinsics, the rest in GCC/clang vector extensions); other CPUs build the same maths as plain
+loops (``-DKVC_PORTABLE`` builds those here too, as the tests do).
 
 The callers' wrappers live beside their torch references: :mod:`kvcomp_plugins.quantizers.native`
 (decode attention, token split, packing) and :mod:`kvcomp_plugins.scorers._common` (window
@@ -27,10 +33,12 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -89,11 +97,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> tuple[Path | None, str]:
-    """Compile the kernels (or find them built); ``(path, "")`` or ``(None, why it failed)``."""
+def _build(compiler: str, extra_flags: Sequence[str] = ()) -> tuple[Path | None, str]:
+    """Compile the kernels (or find them built); ``(path, "")`` or ``(None, why it failed)``.
+    ``extra_flags`` go after each flag set (``KVCOMP_NATIVE_CFLAGS``; tests build the portable
+    decode loops with ``-DKVC_PORTABLE``)."""
     source = SOURCE.read_bytes()
     errors = []
-    for flags in _FLAG_SETS:
+    for base in _FLAG_SETS:
+        flags = [*base, *extra_flags]
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                          platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"
@@ -129,17 +140,23 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found (set CC): the CPU kernels are off; compressing and decoding on a "
                       "compressed cache use the slower torch references", RuntimeWarning, stacklevel=2)
         return None
-    path, why = _build(compiler)
+    path, why = _build(compiler, shlex.split(os.environ.get("KVCOMP_NATIVE_CFLAGS", "")))
     if path is None:
         warnings.warn(f"the CPU kernels could not be built, the torch references are used:\n{why}",
                       RuntimeWarning, stacklevel=2)
         return None
+    return load(path)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The kernels built at ``path``, their functions typed for ctypes."""
     lib = ctypes.CDLL(str(path))
     lib.kvc_attend.restype = ctypes.c_int
     lib.kvc_attend.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.POINTER(TierArgs), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int32,
     ]
     lib.kvc_quantize_many.restype = ctypes.c_int
     lib.kvc_quantize_many.argtypes = [ctypes.POINTER(QuantArgs), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]

@@ -7,10 +7,14 @@
  *
  * Decode attention is the C twin of attend.py's torch reference (same layouts, same maths, float32
  * throughout): one call attends every query row of every (batch row, KV head) over all tiers of a
- * layer and its full-precision tokens in one softmax. Codes are unpacked and dequantised in
- * blocks of KVC_BLOCK tokens on the stack; nothing the size of the layer is ever written, and a decode
- * step of one layer is one call instead of dozens of small torch ops (what a CPU decode step
- * pays for).
+ * layer and its full-precision tokens. Codes are unpacked and dequantised in vector registers
+ * (KVC_LANES channels at a time); a row's logits against KVC_LANES keys are summed lane-wise and
+ * then across lanes in one shuffle tree; a block of values is dequantised once and added to
+ * every row. Each (batch row, KV head)'s keys are cut into `spans` that threads take as work
+ * items (3 KV heads on 2 cores would otherwise leave a core idle for a third of the call); each
+ * span keeps its own softmax maximum and sum, merged by log-sum-exp at the end. Nothing the size
+ * of the layer is written but the logits, and a decode step of one layer is one call instead of
+ * dozens of small torch ops (what a CPU decode step pays for).
  *
  * Layouts (all contiguous, row-major; BH = batch * KV heads):
  *   rows    float32 [BH, R, D]       queries, already multiplied by the softmax scale
@@ -22,6 +26,7 @@
  *           elements; row t of (batch-head) bh starts at element bh * dense_bh_stride + t * D;
  *           dmask uint8 [BH, R, n_dense] (1 = may attend) or NULL
  *   logits  float32 scratch [BH, R, total], total = sum n_i + n_dense
+ *   partial float32 scratch [BH, spans, R, D + 2]
  *   out     float32 [BH, R, D]
  * Every row must see at least one key (in a decode step: its own token in the dense part).
  */
@@ -75,42 +80,6 @@ static inline const float *dense_row(const void *base, int dtype, int64_t offset
     return x;
 }
 
-static inline void unpack_row(const uint8_t *p, int bits, int64_t d, float *restrict out) {
-    if (bits == 8) {
-        for (int64_t c = 0; c < d; c++) out[c] = (float)p[c];
-    } else if (bits == 4) {
-        for (int64_t j = 0; j < d / 2; j++) {
-            out[2 * j] = (float)(p[j] & 15);
-            out[2 * j + 1] = (float)(p[j] >> 4);
-        }
-    } else { /* 2 bit */
-        for (int64_t j = 0; j < d / 4; j++) {
-            uint8_t b = p[j];
-            out[4 * j] = (float)(b & 3);
-            out[4 * j + 1] = (float)((b >> 2) & 3);
-            out[4 * j + 2] = (float)((b >> 4) & 3);
-            out[4 * j + 3] = (float)(b >> 6);
-        }
-    }
-}
-
-/* code * scale + zero with one fp16 (scale, zero) per group of g consecutive channels. */
-static inline void dequant_token_groups(float *restrict x, const uint16_t *s, const uint16_t *z, int64_t d, int64_t g) {
-    for (int64_t j = 0; j < d / g; j++) {
-        float scale = half_to_float(s[j]), zero = half_to_float(z[j]);
-        for (int64_t c = j * g; c < (j + 1) * g; c++) x[c] = x[c] * scale + zero;
-    }
-}
-
-/* "omp simd reduction" lets the compiler split the sum over vector lanes (a plain loop must add in
- * order, one lane at a time); only the order of the float32 additions changes. */
-static inline float dot(const float *restrict a, const float *restrict b, int64_t d) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < d; c++) acc += a[c] * b[c];
-    return acc;
-}
-
 /* exp(x) for x <= 0 (softmax arguments), branch-free so a loop of it vectorises: x = k ln2 + r
  * with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error below 3e-7 there),
  * times 2^k built in the exponent bits. x below -87 gives e^-87 (~1.6e-38, negligible next to the
@@ -126,7 +95,8 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* exp(l[t] - top) in place over a row of logits whose maximum is top, a masked logit (-inf) giving
- * exactly 0; returns the row's sum (the softmax's denominator). */
+ * exactly 0; returns the row's sum (the softmax's denominator). A row with every logit masked
+ * (top = -inf) becomes all 0 with sum 0. */
 static inline float exp_row(float *restrict l, int64_t n, float top) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -138,9 +108,119 @@ static inline float exp_row(float *restrict l, int64_t n, float top) {
     return sum;
 }
 
-static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t d) {
-    for (int64_t c = 0; c < d; c++) y[c] += a * x[c];
+/* KVC_LANES floats as one vector (GCC/clang vector extension): 16 with AVX-512, else 8 (one AVX
+ * register; the compiler splits it where the CPU's vectors are narrower). Head dims the kernel
+ * serves are multiples of 16. KVC_PORTABLE (tests) builds the plain loops on any CPU. */
+#if defined(__AVX512F__) && !defined(KVC_PORTABLE)
+#define KVC_LANES 16
+#define KVC_AVX512 1
+#elif defined(__AVX2__) && !defined(KVC_PORTABLE)
+#define KVC_LANES 8
+#define KVC_AVX2 1
+#else
+#define KVC_LANES 8
+#endif
+#if defined(KVC_AVX512) || defined(KVC_AVX2)
+#include <immintrin.h>
+#endif
+typedef float kvc_vec __attribute__((vector_size(KVC_LANES * sizeof(float))));
+#define KVC_MAX_CHUNKS (KVC_MAX_D / KVC_LANES)
+
+static inline kvc_vec vec_load(const float *p) {
+    kvc_vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
+
+static inline void vec_store(float *p, kvc_vec v) { memcpy(p, &v, sizeof v); }
+
+static inline kvc_vec vec_splat(float a) { return (kvc_vec){0} + a; }
+
+/* Codes of channels [c0, c0 + KVC_LANES) of a packed token row (lowest channel in the lowest
+ * bits) as floats, built in registers (c0 % KVC_LANES == 0): one load, a nibble interleave or a
+ * shift per lane, a widening and a conversion. (GCC's generic vector code for the same byte
+ * shuffles goes through memory, several times slower.) vec_fma: a * b + c in one rounding (the
+ * build keeps C's rule of no implicit contraction, which the packing's bit-exact recipe needs). */
+#if defined(KVC_AVX512)
+static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *row, int bits, int64_t c0) {
+    __m128i b;
+    if (bits == 8) {
+        b = _mm_loadu_si128((const __m128i *)(row + c0));
+    } else if (bits == 4) {
+        __m128i p = _mm_loadl_epi64((const __m128i *)(row + c0 / 2)), low4 = _mm_set1_epi8(15);
+        b = _mm_unpacklo_epi8(_mm_and_si128(p, low4), _mm_and_si128(_mm_srli_epi16(p, 4), low4));
+    } else {
+        int32_t w;
+        memcpy(&w, row + c0 / 4, sizeof w);
+        __m512i u = _mm512_srlv_epi32(_mm512_set1_epi32(w), _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
+        return (kvc_vec)_mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(3)));
+    }
+    return (kvc_vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+
+static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return (kvc_vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#elif defined(KVC_AVX2)
+static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *row, int bits, int64_t c0) {
+    __m128i b;
+    if (bits == 8) {
+        b = _mm_loadl_epi64((const __m128i *)(row + c0));
+    } else if (bits == 4) {
+        int32_t w;
+        memcpy(&w, row + c0 / 2, sizeof w);
+        __m128i p = _mm_cvtsi32_si128(w), low4 = _mm_set1_epi8(15);
+        b = _mm_unpacklo_epi8(_mm_and_si128(p, low4), _mm_and_si128(_mm_srli_epi16(p, 4), low4));
+    } else {
+        uint16_t w;
+        memcpy(&w, row + c0 / 4, sizeof w);
+        __m256i u = _mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+        return (kvc_vec)_mm256_cvtepi32_ps(_mm256_and_si256(u, _mm256_set1_epi32(3)));
+    }
+    return (kvc_vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+
+#if defined(__FMA__)
+static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return (kvc_vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return a * b + c; }
+#endif
+#else
+static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *row, int bits, int64_t c0) {
+    float x[KVC_LANES] __attribute__((aligned(64)));
+    int per_byte = 8 / bits, mask = (1 << bits) - 1;
+    for (int i = 0; i < KVC_LANES; i++)
+        x[i] = (float)((row[(c0 + i) / per_byte] >> (bits * ((c0 + i) % per_byte))) & mask);
+    return vec_load(x);
+}
+
+static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return a * b + c; }
+#endif
+
+/* Lane i of the result: the sum of the lanes of v[i]. A tree of pair sums (KVC_LANES - 1
+ * shuffled additions for KVC_LANES sums) instead of sums each added lane by lane, in order. */
+#if !defined(KVC_PORTABLE) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) /* __builtin_shufflevector */
+#if KVC_LANES == 16
+#define KVC_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define KVC_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#else
+#define KVC_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define KVC_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#endif
+static inline kvc_vec sum_lanes(const kvc_vec *v) {
+    kvc_vec w[KVC_LANES];
+    for (int i = 0; i < KVC_LANES; i++) w[i] = v[i];
+    for (int n = KVC_LANES / 2; n >= 1; n /= 2)
+        for (int i = 0; i < n; i++)
+            w[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], KVC_EVEN) + __builtin_shufflevector(w[2 * i], w[2 * i + 1], KVC_ODD);
+    return w[0];
+}
+#else
+static inline kvc_vec sum_lanes(const kvc_vec *v) {
+    kvc_vec out = {0};
+    for (int i = 0; i < KVC_LANES; i++)
+        for (int j = 0; j < KVC_LANES; j++) out[i] += v[i][j];
+    return out;
+}
+#endif
 
 typedef struct {
     const uint8_t *kp, *vp, *pad;
@@ -149,148 +229,329 @@ typedef struct {
     int32_t bits, key_token_axis;
 } kvc_tier;
 
-#define KVC_BLOCK 8 /* tokens dequantised together: several independent dot products in flight, and
-                        each output row is read and written once per block, not once per token */
+/* One (batch row, KV head)'s view of a tier: its rows and statistics. */
+typedef struct {
+    const uint8_t *kp, *vp, *pad;
+    const uint16_t *ks, *kz, *vs, *vz;
+    int64_t packed_d;
+} kvc_tier_bh;
 
-/* Dequantised keys of tokens [tok0, tok0 + nb) of tier t into xb[KVC_BLOCK][d]. */
-static inline __attribute__((always_inline)) void dequant_keys(const kvc_tier *t, int64_t bh, int64_t tok0, int64_t nb,
-                                                               int64_t d, int64_t g, float *restrict xb,
-                                                               float *restrict kscale, float *restrict kzero, int64_t *loaded) {
-    int64_t packed_d = d * t->bits / 8, stats = t->key_token_axis ? d / g : d;
-    int64_t groups = t->key_token_axis ? t->n : (t->n + g - 1) / g;
-    const uint8_t *kp = t->kp + bh * t->n * packed_d;
-    const uint16_t *ks = t->ks + bh * groups * stats, *kz = t->kz + bh * groups * stats;
-    for (int64_t i = 0; i < nb; i++) {
-        int64_t tok = tok0 + i;
-        float *x = xb + i * d;
-        unpack_row(kp + tok * packed_d, t->bits, d, x);
-        if (t->key_token_axis) {
-            dequant_token_groups(x, ks + tok * stats, kz + tok * stats, d, g);
-            continue;
-        }
-        if (tok / g != *loaded) { /* a new token group: its per-channel statistics, converted once */
-            *loaded = tok / g;
-            const uint16_t *s = ks + *loaded * d, *z = kz + *loaded * d;
-            for (int64_t c = 0; c < d; c++) {
-                kscale[c] = half_to_float(s[c]);
-                kzero[c] = half_to_float(z[c]);
-            }
-        }
-        for (int64_t c = 0; c < d; c++) x[c] = x[c] * kscale[c] + kzero[c];
+static inline kvc_tier_bh tier_bh(const kvc_tier *t, int64_t bh, int64_t d, int64_t g) {
+    int64_t packed_d = d * t->bits / 8, key_stats = t->key_token_axis ? t->n * (d / g) : ((t->n + g - 1) / g) * d;
+    kvc_tier_bh v = {t->kp + bh * t->n * packed_d, t->vp + bh * t->n * packed_d, t->pad ? t->pad + bh * t->n : NULL,
+                     t->ks + bh * key_stats, t->kz + bh * key_stats, t->vs + bh * t->n * (d / g),
+                     t->vz + bh * t->n * (d / g), packed_d};
+    return v;
+}
+
+/* Dequantised codes of channels [c0, c0 + KVC_LANES) of a token quantised per token in groups of
+ * g channels: codes * scale + zero, with scale and zero read per lane (groups that are not a
+ * multiple of KVC_LANES channels: small groups in tests; models use 32-128). */
+static inline __attribute__((always_inline)) kvc_vec token_dequant(const uint8_t *row, int bits, int64_t c0, int64_t g,
+                                                                     const uint16_t *s, const uint16_t *z) {
+    kvc_vec sv, zv;
+    for (int i = 0; i < KVC_LANES; i++) {
+        sv[i] = half_to_float(s[(c0 + i) / g]);
+        zv[i] = half_to_float(z[(c0 + i) / g]);
+    }
+    return vec_fma(codes_vec(row, bits, c0), sv, zv);
+}
+
+/* All d channels of one token quantised per token into k[d / KVC_LANES]. Groups of a multiple of KVC_LANES
+ * channels take one (scale, zero) per group, read once. */
+static inline __attribute__((always_inline)) void token_row(const uint8_t *row, int bits, int64_t d, int64_t g,
+                                                            const uint16_t *s, const uint16_t *z, kvc_vec *k) {
+    if (g % KVC_LANES) {
+        for (int64_t ci = 0; ci < d / KVC_LANES; ci++) k[ci] = token_dequant(row, bits, ci * KVC_LANES, g, s, z);
+        return;
+    }
+    for (int64_t grp = 0, ci = 0; grp < d / g; grp++) {
+        kvc_vec sv = vec_splat(half_to_float(s[grp])), zv = vec_splat(half_to_float(z[grp]));
+        for (int64_t end = ci + g / KVC_LANES; ci < end; ci++) k[ci] = vec_fma(codes_vec(row, bits, ci * KVC_LANES), sv, zv);
     }
 }
 
-/* out[r] += sum_i p[r][i] * xb[i] over a block (p: [r_count][KVC_BLOCK], 0 past the block's end). */
-static inline __attribute__((always_inline)) void add_block(float *restrict out, const float *restrict p,
-                                                            const float *restrict xb, int64_t r_count, int64_t d) {
-    for (int64_t r = 0; r < r_count; r++) {
-        float *o = out + r * d;
-        const float *pr = p + r * KVC_BLOCK;
-        for (int64_t c = 0; c < d; c++) {
-            float acc = o[c];
-            for (int64_t i = 0; i < KVC_BLOCK; i++) acc += pr[i] * xb[i * d + c];
-            o[c] = acc;
-        }
-    }
-}
+#define KVC_ROWS 16 /* query rows whose dot products with a block of KVC_LANES keys are kept together */
 
-/* always_inline: the callers below pass d as a constant for the common head dims, so every
- * per-channel loop is unrolled into whole vectors (a runtime d costs several times more). */
-static inline __attribute__((always_inline)) void attend_one(int64_t bh, const float *rows, int64_t r_count, int64_t d, int64_t g,
-                       const kvc_tier *tiers, int64_t n_tiers, const void *dk, const void *dv, int dense_dtype,
-                       int64_t dense_bh_stride, int64_t n_dense, const uint8_t *dmask, float *logits_all,
-                       int64_t total, float *out_all) {
-    const float *q = rows + bh * r_count * d;
-    float *logits = logits_all + bh * r_count * total;
-    float *out = out_all + bh * r_count * d;
-    float x[KVC_MAX_D], kscale[KVC_MAX_D], kzero[KVC_MAX_D];
-    float xb[KVC_BLOCK * KVC_MAX_D] __attribute__((aligned(64)));
-
-    /* Logits of every row against every key. */
-    int64_t col = 0;
-    for (int64_t i = 0; i < n_tiers; i++) {
-        const kvc_tier *t = &tiers[i];
-        const uint8_t *pad = t->pad ? t->pad + bh * t->n : NULL;
-        int64_t loaded = -1; /* token group whose key statistics are in kscale/kzero */
-        for (int64_t tok0 = 0; tok0 < t->n; tok0 += KVC_BLOCK) {
-            int64_t nb = t->n - tok0 < KVC_BLOCK ? t->n - tok0 : KVC_BLOCK;
-            dequant_keys(t, bh, tok0, nb, d, g, xb, kscale, kzero, &loaded);
-            for (int64_t r = 0; r < r_count; r++)
-                for (int64_t j = 0; j < nb; j++)
-                    logits[r * total + col + j] = (pad && pad[tok0 + j]) ? -INFINITY : dot(q + r * d, xb + j * d, d);
-            col += nb;
-        }
-    }
-    const uint8_t *mask = dmask ? dmask + bh * r_count * n_dense : NULL;
-    for (int64_t tok = 0; tok < n_dense; tok++, col++) {
-        const float *key = dense_row(dk, dense_dtype, bh * dense_bh_stride + tok * d, d, x);
-        for (int64_t r = 0; r < r_count; r++)
-            logits[r * total + col] = (mask && !mask[r * n_dense + tok]) ? -INFINITY : dot(q + r * d, key, d);
-    }
-
-    /* Softmax per row (unnormalised; the output is divided by the sum at the end). A masked
-     * logit (-inf) gives exactly 0, and the row's maximum is finite (it sees at least one key). */
-    float inv_sum[r_count > 0 ? r_count : 1];
-    for (int64_t r = 0; r < r_count; r++) {
-        float *row = logits + r * total, top = -INFINITY;
-#pragma omp simd reduction(max : top)
-        for (int64_t c = 0; c < total; c++) top = row[c] > top ? row[c] : top;
-        float sum = exp_row(row, total, top);
-        inv_sum[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
-    }
-
-    /* Values: dequantise each block of tokens once, add it to every row, weighted. */
-    memset(out, 0, (size_t)(r_count * d) * sizeof(float));
-    float pb[r_count > 0 ? r_count * KVC_BLOCK : 1];
-    col = 0;
-    for (int64_t i = 0; i < n_tiers; i++) {
-        const kvc_tier *t = &tiers[i];
-        int64_t packed_d = d * t->bits / 8, stats = d / g;
-        const uint8_t *vp = t->vp + bh * t->n * packed_d;
-        const uint16_t *vs = t->vs + bh * t->n * stats, *vz = t->vz + bh * t->n * stats;
-        for (int64_t tok0 = 0; tok0 < t->n; tok0 += KVC_BLOCK) {
-            int64_t nb = t->n - tok0 < KVC_BLOCK ? t->n - tok0 : KVC_BLOCK;
-            int seen = 0;
-            for (int64_t r = 0; r < r_count; r++)
-                for (int64_t j = 0; j < KVC_BLOCK; j++) {
-                    pb[r * KVC_BLOCK + j] = j < nb ? logits[r * total + col + j] : 0.0f;
-                    seen |= pb[r * KVC_BLOCK + j] != 0.0f;
-                }
-            col += nb;
-            if (!seen) continue; /* e.g. a block of padding slots */
-            for (int64_t j = 0; j < KVC_BLOCK; j++) {
-                float *xv = xb + j * d;
-                if (j >= nb) {
-                    memset(xv, 0, (size_t)d * sizeof(float));
+/* Logits of rows q [r_count][d] against tokens [t0, t1) of a tier, into l[r * total + tok - t0]
+ * (-inf for padding slots). Keys are dequantised in registers, KVC_LANES channels at a time; each
+ * row's products with KVC_LANES keys are summed lane-wise, then across lanes in one tree. */
+static inline __attribute__((always_inline)) void tier_logits(const kvc_tier_bh *t, int bits, int key_token_axis, int64_t t0,
+                                                              int64_t t1, const float *q, int64_t r_count, int64_t d,
+                                                              int64_t g, float *l, int64_t total) {
+    int64_t chunks = d / KVC_LANES, stats_d = key_token_axis ? d / g : d;
+    kvc_vec kscale[KVC_MAX_CHUNKS], kzero[KVC_MAX_CHUNKS], k[KVC_MAX_CHUNKS];
+    kvc_vec part[KVC_ROWS][KVC_LANES];
+    int64_t group_end = -1; /* first token past the group whose per-channel statistics are loaded */
+    for (int64_t b0 = t0; b0 < t1; b0 += KVC_LANES) {
+        int64_t nb = t1 - b0 < KVC_LANES ? t1 - b0 : KVC_LANES;
+        for (int64_t r0 = 0; r0 < r_count; r0 += KVC_ROWS) {
+            int64_t nr = r_count - r0 < KVC_ROWS ? r_count - r0 : KVC_ROWS;
+            for (int64_t j = 0; j < KVC_LANES; j++) {
+                if (j >= nb) { /* lanes past the end of the span */
+                    for (int64_t r = 0; r < nr; r++) part[r][j] = (kvc_vec){0};
                     continue;
                 }
-                unpack_row(vp + (tok0 + j) * packed_d, t->bits, d, xv);
-                dequant_token_groups(xv, vs + (tok0 + j) * stats, vz + (tok0 + j) * stats, d, g);
+                int64_t tok = b0 + j;
+                const uint8_t *row = t->kp + tok * t->packed_d;
+                if (key_token_axis) {
+                    token_row(row, bits, d, g, t->ks + tok * stats_d, t->kz + tok * stats_d, k);
+                } else {
+                    if (tok >= group_end || tok < group_end - g) { /* per-channel statistics of a new token group */
+                        int64_t grp = tok / g;
+                        group_end = (grp + 1) * g;
+                        for (int64_t c = 0; c < d; c++) {
+                            kscale[c / KVC_LANES][c % KVC_LANES] = half_to_float(t->ks[grp * d + c]);
+                            kzero[c / KVC_LANES][c % KVC_LANES] = half_to_float(t->kz[grp * d + c]);
+                        }
+                    }
+                    for (int64_t ci = 0; ci < chunks; ci++) k[ci] = vec_fma(codes_vec(row, bits, ci * KVC_LANES), kscale[ci], kzero[ci]);
+                }
+                for (int64_t r = 0; r < nr; r++) {
+                    const float *qr = q + (r0 + r) * d;
+                    kvc_vec a = vec_load(qr) * k[0];
+                    for (int64_t ci = 1; ci < chunks; ci++) a = vec_fma(vec_load(qr + ci * KVC_LANES), k[ci], a);
+                    part[r][j] = a;
+                }
             }
-            add_block(out, pb, xb, r_count, d);
+            for (int64_t r = 0; r < nr; r++) {
+                kvc_vec sums = sum_lanes(part[r]);
+                float *out = l + (r0 + r) * total + (b0 - t0);
+                for (int64_t j = 0; j < nb; j++) out[j] = (t->pad && t->pad[b0 + j]) ? -INFINITY : sums[j];
+            }
         }
     }
-    for (int64_t tok = 0; tok < n_dense; tok++, col++) {
-        const float *value = dense_row(dv, dense_dtype, bh * dense_bh_stride + tok * d, d, x);
-        for (int64_t r = 0; r < r_count; r++) axpy(out + r * d, logits[r * total + col], value, d);
-    }
-    for (int64_t r = 0; r < r_count; r++)
-        for (int64_t c = 0; c < d; c++) out[r * d + c] *= inv_sum[r];
 }
 
-/* Returns 0, or -1 when d is out of range (the caller checks first; this is a last guard). */
+#define KVC_VBLOCK 8 /* value tokens dequantised together, then added to every row */
+
+/* acc[r][:] += sum over tokens [t0, t1) of a tier of p[r][tok] * value[tok] (p = l, already
+ * exponentiated): a block of tokens is dequantised once, then added to every row. */
+static inline __attribute__((always_inline)) void tier_values(const kvc_tier_bh *t, int bits, int64_t t0, int64_t t1,
+                                                              const float *l, int64_t total, int64_t r_count, int64_t d,
+                                                              int64_t g, float *acc) {
+    int64_t chunks = d / KVC_LANES, stats_d = d / g;
+    kvc_vec v[KVC_VBLOCK][KVC_MAX_CHUNKS];
+    float pb[r_count * KVC_VBLOCK];
+    for (int64_t b0 = t0; b0 < t1; b0 += KVC_VBLOCK) {
+        int64_t nb = t1 - b0 < KVC_VBLOCK ? t1 - b0 : KVC_VBLOCK;
+        int seen = 0;
+        for (int64_t r = 0; r < r_count; r++)
+            for (int64_t j = 0; j < KVC_VBLOCK; j++) {
+                float p = j < nb ? l[r * total + (b0 - t0) + j] : 0.0f;
+                pb[r * KVC_VBLOCK + j] = p;
+                seen |= p != 0.0f;
+            }
+        if (!seen) continue; /* e.g. a block of padding slots */
+        for (int64_t j = 0; j < KVC_VBLOCK; j++) {
+            if (j < nb) {
+                int64_t tok = b0 + j;
+                token_row(t->vp + tok * t->packed_d, bits, d, g, t->vs + tok * stats_d, t->vz + tok * stats_d, v[j]);
+            } else {
+                for (int64_t ci = 0; ci < chunks; ci++) v[j][ci] = (kvc_vec){0};
+            }
+        }
+        for (int64_t r = 0; r < r_count; r++) {
+            const float *p = pb + r * KVC_VBLOCK;
+            for (int64_t ci = 0; ci < chunks; ci++) {
+                float *o = acc + r * d + ci * KVC_LANES;
+                kvc_vec a = vec_load(o);
+                for (int64_t j = 0; j < KVC_VBLOCK; j++) a = vec_fma(vec_splat(p[j]), v[j][ci], a);
+                vec_store(o, a);
+            }
+        }
+    }
+}
+
+/* The dense part's twins of tier_logits and tier_values, over tokens [t0, t1) of its rows. */
+static inline __attribute__((always_inline)) void dense_logits(const void *dk, int dtype, int64_t base, int64_t t0, int64_t t1,
+                                                               const uint8_t *mask, int64_t n_dense, const float *q,
+                                                               int64_t r_count, int64_t d, float *l, int64_t total) {
+    int64_t chunks = d / KVC_LANES;
+    float x[KVC_MAX_D] __attribute__((aligned(64)));
+    kvc_vec part[KVC_ROWS][KVC_LANES];
+    for (int64_t b0 = t0; b0 < t1; b0 += KVC_LANES) {
+        int64_t nb = t1 - b0 < KVC_LANES ? t1 - b0 : KVC_LANES;
+        for (int64_t r0 = 0; r0 < r_count; r0 += KVC_ROWS) {
+            int64_t nr = r_count - r0 < KVC_ROWS ? r_count - r0 : KVC_ROWS;
+            for (int64_t j = 0; j < KVC_LANES; j++) {
+                const float *key = dense_row(dk, dtype, base + (b0 + (j < nb ? j : 0)) * d, d, x);
+                for (int64_t r = 0; r < nr; r++) {
+                    const float *qr = q + (r0 + r) * d;
+                    kvc_vec a = vec_load(qr) * vec_load(key);
+                    for (int64_t ci = 1; ci < chunks; ci++) a = vec_fma(vec_load(qr + ci * KVC_LANES), vec_load(key + ci * KVC_LANES), a);
+                    part[r][j] = a;
+                }
+            }
+            for (int64_t r = 0; r < nr; r++) {
+                kvc_vec sums = sum_lanes(part[r]);
+                float *out = l + (r0 + r) * total + (b0 - t0);
+                const uint8_t *m = mask ? mask + (r0 + r) * n_dense : NULL;
+                for (int64_t j = 0; j < nb; j++) out[j] = (m && !m[b0 + j]) ? -INFINITY : sums[j];
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void dense_values(const void *dv, int dtype, int64_t base, int64_t t0, int64_t t1,
+                                                               const float *l, int64_t total, int64_t r_count, int64_t d,
+                                                               float *acc) {
+    int64_t chunks = d / KVC_LANES;
+    float x[KVC_MAX_D] __attribute__((aligned(64)));
+    for (int64_t tok = t0; tok < t1; tok++) {
+        const float *value = dense_row(dv, dtype, base + tok * d, d, x);
+        for (int64_t r = 0; r < r_count; r++) {
+            float p = l[r * total + (tok - t0)];
+            if (p == 0.0f) continue;
+            for (int64_t ci = 0; ci < chunks; ci++) {
+                float *o = acc + r * d + ci * KVC_LANES;
+                vec_store(o, vec_fma(vec_splat(p), vec_load(value + ci * KVC_LANES), vec_load(o)));
+            }
+        }
+    }
+}
+
+/* A tier's bit width as a constant, so that codes_vec and the loops around it are specialised. */
+#define KVC_BY_BITS(bits, call) \
+    do {                        \
+        if ((bits) == 8) {      \
+            const int b_ = 8;   \
+            call;               \
+        } else if ((bits) == 4) { \
+            const int b_ = 4;   \
+            call;               \
+        } else {                \
+            const int b_ = 2;   \
+            call;               \
+        }                       \
+    } while (0)
+
+typedef struct {
+    const float *rows;
+    const kvc_tier *tiers;
+    int64_t n_tiers, r_count, d, g, total, n_dense, dense_bh_stride, span, spans;
+    const void *dk, *dv;
+    int dense_dtype;
+    const uint8_t *dmask;
+    float *logits, *partial, *out;
+} kvc_attend_args;
+
+/* Work item (bh, span): the softmax statistics and unnormalised output of the keys in columns
+ * [span * a->span, ...) of the layer (tiers in order, then the dense part), written to
+ * partial[(bh * spans + span) * r_count * (d + 2)]: r_count rows of d outputs, then each row's
+ * maximum logit and its sum of exp(logit - maximum). */
+static inline __attribute__((always_inline)) void attend_span(const kvc_attend_args *a, int64_t bh, int64_t span, int64_t d) {
+    int64_t r_count = a->r_count, total = a->total, g = a->g;
+    int64_t c0 = span * a->span, c1 = c0 + a->span < total ? c0 + a->span : total;
+    const float *q = a->rows + bh * r_count * d;
+    float *l = a->logits + bh * r_count * total;
+    float *acc = a->partial + (bh * a->spans + span) * r_count * (d + 2);
+    float *stats = acc + r_count * d;
+    const uint8_t *dmask = a->dmask ? a->dmask + bh * r_count * a->n_dense : NULL;
+    int64_t dense_base = bh * a->dense_bh_stride;
+
+    /* Logits of the span, tier by tier. */
+    int64_t first = 0; /* first column of the current part */
+    for (int64_t i = 0; i <= a->n_tiers; first += (i < a->n_tiers ? a->tiers[i].n : 0), i++) {
+        int64_t n = i < a->n_tiers ? a->tiers[i].n : a->n_dense;
+        int64_t s0 = c0 > first ? c0 - first : 0, s1 = c1 - first < n ? c1 - first : n;
+        if (s0 >= s1) continue;
+        float *lp = l + first + s0;
+        if (i == a->n_tiers) {
+            dense_logits(a->dk, a->dense_dtype, dense_base, s0, s1, dmask, a->n_dense, q, r_count, d, lp, total);
+            continue;
+        }
+        kvc_tier_bh t = tier_bh(&a->tiers[i], bh, d, g);
+        if (a->tiers[i].key_token_axis)
+            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 1, s0, s1, q, r_count, d, g, lp, total));
+        else
+            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 0, s0, s1, q, r_count, d, g, lp, total));
+    }
+
+    /* Softmax statistics of the span (unnormalised: the merge divides). */
+    for (int64_t r = 0; r < r_count; r++) {
+        float *row = l + r * total + c0, top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t c = 0; c < c1 - c0; c++) top = row[c] > top ? row[c] : top;
+        stats[2 * r] = top;
+        stats[2 * r + 1] = exp_row(row, c1 - c0, top);
+    }
+
+    /* Values, weighted. */
+    memset(acc, 0, (size_t)(r_count * d) * sizeof(float));
+    first = 0;
+    for (int64_t i = 0; i <= a->n_tiers; first += (i < a->n_tiers ? a->tiers[i].n : 0), i++) {
+        int64_t n = i < a->n_tiers ? a->tiers[i].n : a->n_dense;
+        int64_t s0 = c0 > first ? c0 - first : 0, s1 = c1 - first < n ? c1 - first : n;
+        if (s0 >= s1) continue;
+        const float *lp = l + first + s0;
+        if (i == a->n_tiers) {
+            dense_values(a->dv, a->dense_dtype, dense_base, s0, s1, lp, total, r_count, d, acc);
+            continue;
+        }
+        kvc_tier_bh t = tier_bh(&a->tiers[i], bh, d, g);
+        KVC_BY_BITS(a->tiers[i].bits, tier_values(&t, b_, s0, s1, lp, total, r_count, d, g, acc));
+    }
+}
+
+/* out[bh] from its spans: each span's output and sum rescaled to the largest maximum. */
+static void merge_spans(const kvc_attend_args *a, int64_t bh) {
+    int64_t r_count = a->r_count, d = a->d;
+    for (int64_t r = 0; r < r_count; r++) {
+        float top = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < a->spans; s++) {
+            const float *stats = a->partial + (bh * a->spans + s) * r_count * (d + 2) + r_count * d;
+            top = stats[2 * r] > top ? stats[2 * r] : top;
+        }
+        float *o = a->out + (bh * r_count + r) * d;
+        memset(o, 0, (size_t)d * sizeof(float));
+        for (int64_t s = 0; s < a->spans; s++) {
+            const float *acc = a->partial + (bh * a->spans + s) * r_count * (d + 2);
+            const float *stats = acc + r_count * d;
+            if (stats[2 * r + 1] == 0.0f) continue; /* nothing visible in this span */
+            float w = expf(stats[2 * r] - top);
+            sum += w * stats[2 * r + 1];
+            for (int64_t c = 0; c < d; c++) o[c] += w * acc[r * d + c];
+        }
+        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t c = 0; c < d; c++) o[c] *= inv;
+    }
+}
+
+/* Returns 0, or -1 for arguments out of range (the caller checks first; this is a last guard). */
 int kvc_attend(const float *rows, int64_t bh_count, int64_t r_count, int64_t d, int64_t g,
                const kvc_tier *tiers, int64_t n_tiers, const void *dk, const void *dv, int32_t dense_dtype, int64_t dense_bh_stride,
-               int64_t n_dense, const uint8_t *dmask, float *logits, int64_t total, float *out, int32_t threads) {
-    if (d < 1 || d > KVC_MAX_D || g < 1) return -1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bh_count > 1)
-    for (int64_t bh = 0; bh < bh_count; bh++) {
-        if (d == 64)
-            attend_one(bh, rows, r_count, 64, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
-        else if (d == 128)
-            attend_one(bh, rows, r_count, 128, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
-        else
-            attend_one(bh, rows, r_count, d, g, tiers, n_tiers, dk, dv, dense_dtype, dense_bh_stride, n_dense, dmask, logits, total, out);
+               int64_t n_dense, const uint8_t *dmask, float *logits, int64_t total, int64_t spans, float *partial,
+               float *out, int32_t threads) {
+    if (d < KVC_LANES || d > KVC_MAX_D || d % KVC_LANES || g < 1 || spans < 1) return -1;
+    for (int64_t i = 0; i < n_tiers; i++)
+        if (tiers[i].bits != 2 && tiers[i].bits != 4 && tiers[i].bits != 8) return -1;
+    if (d % g) return -1; /* values are quantised per token in groups of g channels */
+    int64_t span = (total + spans - 1) / spans;
+    span = (span + KVC_LANES - 1) / KVC_LANES * KVC_LANES;
+    kvc_attend_args a = {rows, tiers, n_tiers, r_count, d, g, total, n_dense, dense_bh_stride, span, spans,
+                         dk, dv, dense_dtype, dmask, logits, partial, out};
+    int64_t items = bh_count * spans;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            int64_t bh = item / spans, s = item % spans;
+            if (s * span >= total) { /* an empty span (spans rounded up): contributes nothing */
+                float *stats = partial + item * r_count * (d + 2) + r_count * d;
+                for (int64_t r = 0; r < r_count; r++) stats[2 * r] = -INFINITY, stats[2 * r + 1] = 0.0f;
+                continue;
+            }
+            /* d as a constant for the common head dims: the per-channel loops become whole vectors. */
+            if (d == 64)
+                attend_span(&a, bh, s, 64);
+            else if (d == 128)
+                attend_span(&a, bh, s, 128);
+            else
+                attend_span(&a, bh, s, d);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < bh_count; bh++) merge_spans(&a, bh);
     }
     return 0;
 }

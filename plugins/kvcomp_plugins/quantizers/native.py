@@ -22,8 +22,8 @@ from kvcomp_plugins.quantizers.attend import Scratch
 from kvcomp_plugins.quantizers.packing import Axis, QuantRequest, validate_quant_args
 from kvcomp_plugins.quantizers.tiers import TokenSplit, tier_counts
 
-__all__ = ["MAX_HEAD_DIM", "MAX_ROWS", "attend_layer", "available", "library", "quantize_available", "quantize_pack",
-           "quantize_pack_many", "quantize_tiers", "rows_shared", "split_tokens", "supports", "unpack_dequantize"]
+__all__ = ["LANES", "MAX_HEAD_DIM", "MAX_ROWS", "attend_layer", "available", "library", "quantize_available", "quantize_pack",
+           "quantize_pack_many", "quantize_tiers", "rows_shared", "spans_per_head", "split_tokens", "supports", "unpack_dequantize"]
 
 
 def quantize_available() -> bool:
@@ -174,11 +174,28 @@ floats per row on its threads' stacks. A decode step has a handful; a long chunk
 goes to the torch path instead."""
 
 
+LANES = 16
+"""The kernel works on 16 channels at a time: it serves head dims that are multiples of 16 (every
+LLaMA-family model's); others go to the torch path."""
+SPAN_TOKENS = 256
+"""Shortest stretch of a layer's keys one thread takes: the keys of every (batch row, KV head) are
+cut into spans, so that a decode step with fewer KV heads than threads (or a count that does not
+divide evenly, 3 heads on 2 cores) still keeps every core busy; each span's softmax is merged
+by log-sum-exp at the end."""
+
+
 def supports(rows: Tensor, dense: DensePart) -> bool:
     """True if the kernel can serve this call: CPU tensors, a dense part of float32, float16 or
-    bfloat16 (keys and values alike), ``d`` and the row count in range."""
+    bfloat16 (keys and values alike), ``d`` a multiple of 16 up to 512, the row count in range."""
+    d = rows.shape[-1]
     return (rows.device.type == "cpu" and dense.keys.dtype in _DENSE_DTYPES and dense.values.dtype == dense.keys.dtype
-            and rows.shape[-1] <= MAX_HEAD_DIM and rows.shape[-2] <= MAX_ROWS)
+            and d <= MAX_HEAD_DIM and d % LANES == 0 and rows.shape[-2] <= MAX_ROWS)
+
+
+def spans_per_head(total: int, heads: int, threads: int) -> int:
+    """How many spans the keys of each of ``heads`` (batch row, KV head) pairs are cut into:
+    enough for ~8 work items per thread, none shorter than :data:`SPAN_TOKENS` keys."""
+    return max(1, min(-(-total // SPAN_TOKENS), -(-8 * threads // heads)))
 
 
 def _rows_layout(t: Tensor) -> tuple[Tensor, int]:
@@ -208,7 +225,8 @@ def attend_layer(
         raise RuntimeError("the CPU decode kernel is not available here (see the warning it gave, or "
                            "KVCOMP_NATIVE=0); use backend 'torch' or 'auto'")
     if not supports(rows, dense):
-        raise ValueError(f"the CPU decode kernel needs CPU tensors, a float32/16 or bfloat16 dense part, head_dim <= {MAX_HEAD_DIM} "
+        raise ValueError(f"the CPU decode kernel needs CPU tensors, a float32/16 or bfloat16 dense part, "
+                         f"head_dim a multiple of {LANES} up to {MAX_HEAD_DIM} "
                          f"and at most {MAX_ROWS} query rows per KV head; "
                          f"got rows on {rows.device}, dense {dense.keys.dtype}, head_dim {rows.shape[-1]}, {rows.shape[-2]} rows")
     b, h, r, d = rows.shape
@@ -238,16 +256,18 @@ def attend_layer(
     if dense.mask is not None:
         mask = dense.mask.expand(b, h, r, n_dense).to(torch.uint8).contiguous()
     total = sum(t.n_tokens for t in tiers) + n_dense
+    threads = torch.get_num_threads()
+    spans = spans_per_head(total, b * h, threads)
+    shapes = {"native_logits": (b * h, r, total), "native_partial": (b * h, spans, r, d + 2)}
     if isinstance(scratch, Scratch):
-        logits = scratch.get("native_logits", (b * h, r, total), torch.float32, rows.device)
+        logits, partial = (scratch.get(name, shape, torch.float32, rows.device) for name, shape in shapes.items())
     else:
-        logits = torch.empty(b * h, r, total, dtype=torch.float32)
+        logits, partial = (torch.empty(shape, dtype=torch.float32) for shape in shapes.values())
     out = torch.empty(b, h, r, d, dtype=torch.float32)
     status = lib.kvc_attend(
         rows.data_ptr(), b * h, r, d, g, structs, len(tiers), keys.data_ptr(), values.data_ptr(),
-        _DENSE_DTYPES[keys.dtype], stride,
-        n_dense, mask.data_ptr() if mask is not None else None, logits.data_ptr(), total, out.data_ptr(),
-        torch.get_num_threads(),
+        _DENSE_DTYPES[keys.dtype], stride, n_dense, mask.data_ptr() if mask is not None else None,
+        logits.data_ptr(), total, spans, partial.data_ptr(), out.data_ptr(), threads,
     )
     if status != 0:
         raise ValueError(f"the CPU decode kernel refused head_dim={d}, group_size={g}")
