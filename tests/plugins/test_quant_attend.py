@@ -191,11 +191,12 @@ def _cpu_has(flag: str) -> bool:
 
 @pytest.mark.parametrize("flags", [
     pytest.param(["-DKVC_PORTABLE"], id="portable"),
+    pytest.param(["-DKVC_PORTABLE", "-DKVC_NO_SHUFFLE", "-mno-avx512f", "-mno-avx2"], id="plain-loops"),
     pytest.param(["-mno-avx512f"], id="avx2", marks=pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an AVX2 CPU")),
 ])
 def test_every_build_of_the_decode_kernel_agrees(flags, tmp_path, monkeypatch):
-    """The plain loops (other CPUs) and the 8-lane AVX2 build compute what the AVX-512 build and
-    the torch reference compute: built here into a fresh folder and swapped in."""
+    """The plain loops (other CPUs, old compilers) and the 8-lane AVX2 build compute what the
+    AVX-512 build and the torch reference compute: built here into a fresh folder and swapped in."""
     import shutil
 
     from kvcomp_plugins import native as native_build

@@ -18,8 +18,9 @@ No compiler, or a failed build: one warning, and backend ``auto`` keeps the torc
 oldest CPU rather than this one, say).
 
 Decode attention works on 16 floats at a time with AVX-512 and 8 with AVX2 (the byte unpacking
-in intrinsics, the rest in GCC/clang vector extensions); other CPUs build the same maths as plain
-loops (``-DKVC_PORTABLE`` builds those here too, as the tests do).
+in intrinsics, the rest in GCC/clang vector extensions); other CPUs unpack with generic vector
+shifts, or plain loops where the CPU has no per-lane shifts. The tests build those variants here
+too (``-DKVC_PORTABLE``; ``-DKVC_NO_SHUFFLE`` for the sums of compilers older than GCC 12).
 
 The callers' wrappers live beside their torch references: :mod:`kvcomp_plugins.quantizers.native`
 (decode attention, token split, packing) and :mod:`kvcomp_plugins.scorers._common` (window
@@ -99,8 +100,8 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str, extra_flags: Sequence[str] = ()) -> tuple[Path | None, str]:
     """Compile the kernels (or find them built); ``(path, "")`` or ``(None, why it failed)``.
-    ``extra_flags`` go after each flag set (``KVCOMP_NATIVE_CFLAGS``; tests build the portable
-    decode loops with ``-DKVC_PORTABLE``)."""
+    ``extra_flags`` go after each flag set (``KVCOMP_NATIVE_CFLAGS``; the tests build the
+    decode kernel's portable variants with them)."""
     source = SOURCE.read_bytes()
     errors = []
     for base in _FLAG_SETS:

@@ -110,7 +110,8 @@ static inline float exp_row(float *restrict l, int64_t n, float top) {
 
 /* KVC_LANES floats as one vector (GCC/clang vector extension): 16 with AVX-512, else 8 (one AVX
  * register; the compiler splits it where the CPU's vectors are narrower). Head dims the kernel
- * serves are multiples of 16. KVC_PORTABLE (tests) builds the plain loops on any CPU. */
+ * serves are multiples of 16. KVC_PORTABLE builds the unpacking of other CPUs here,
+ * KVC_NO_SHUFFLE the lane-by-lane sums of compilers without __builtin_shufflevector (tests). */
 #if defined(__AVX512F__) && !defined(KVC_PORTABLE)
 #define KVC_LANES 16
 #define KVC_AVX512 1
@@ -184,12 +185,36 @@ static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return (kvc_vec
 static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return a * b + c; }
 #endif
 #else
+typedef uint32_t kvc_uvec __attribute__((vector_size(KVC_LANES * sizeof(uint32_t))));
 static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *row, int bits, int64_t c0) {
-    float x[KVC_LANES] __attribute__((aligned(64)));
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && \
+    !((defined(__x86_64__) || defined(__i386__)) && !defined(__AVX2__))
+    /* 8 lanes: the codes' bytes read as little-endian words, each lane shifting its own code
+     * down by its own amount (NEON has such shifts; x86 before AVX2 has not, and there the plain
+     * loop below is faster). */
+    uint32_t w0, w1;
+    if (bits == 8) {
+        memcpy(&w0, row + c0, 4);
+        memcpy(&w1, row + c0 + 4, 4);
+        const kvc_uvec shift = {0, 8, 16, 24, 0, 8, 16, 24}, mask = {255, 255, 255, 255, 255, 255, 255, 255};
+        return __builtin_convertvector(((kvc_uvec){w0, w0, w0, w0, w1, w1, w1, w1} >> shift) & mask, kvc_vec);
+    }
+    if (bits == 4) {
+        memcpy(&w0, row + c0 / 2, 4);
+        const kvc_uvec shift = {0, 4, 8, 12, 16, 20, 24, 28}, mask = {15, 15, 15, 15, 15, 15, 15, 15};
+        return __builtin_convertvector((((kvc_uvec){0} + w0) >> shift) & mask, kvc_vec);
+    }
+    uint16_t h;
+    memcpy(&h, row + c0 / 4, 2);
+    const kvc_uvec shift = {0, 2, 4, 6, 8, 10, 12, 14}, mask = {3, 3, 3, 3, 3, 3, 3, 3};
+    return __builtin_convertvector((((kvc_uvec){0} + (uint32_t)h) >> shift) & mask, kvc_vec);
+#else
+    float x[KVC_LANES];
     int per_byte = 8 / bits, mask = (1 << bits) - 1;
     for (int i = 0; i < KVC_LANES; i++)
         x[i] = (float)((row[(c0 + i) / per_byte] >> (bits * ((c0 + i) % per_byte))) & mask);
     return vec_load(x);
+#endif
 }
 
 static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return a * b + c; }
@@ -197,7 +222,7 @@ static inline kvc_vec vec_fma(kvc_vec a, kvc_vec b, kvc_vec c) { return a * b + 
 
 /* Lane i of the result: the sum of the lanes of v[i]. A tree of pair sums (KVC_LANES - 1
  * shuffled additions for KVC_LANES sums) instead of sums each added lane by lane, in order. */
-#if !defined(KVC_PORTABLE) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) /* __builtin_shufflevector */
+#if !defined(KVC_NO_SHUFFLE) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) /* __builtin_shufflevector */
 #if KVC_LANES == 16
 #define KVC_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
 #define KVC_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
