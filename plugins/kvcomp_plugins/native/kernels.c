@@ -123,6 +123,11 @@ static inline float exp_row(float *restrict l, int64_t n, float top) {
 #endif
 #if defined(KVC_AVX512) || defined(KVC_AVX2)
 #include <immintrin.h>
+/* The 4-bit codes of the low bytes of p, one per byte, in channel order (low nibble first). */
+static inline __attribute__((always_inline)) __m128i kvc_nibbles(__m128i p) {
+    __m128i low4 = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(p, low4), _mm_and_si128(_mm_srli_epi16(p, 4), low4));
+}
 #endif
 typedef float kvc_vec __attribute__((vector_size(KVC_LANES * sizeof(float))));
 #define KVC_MAX_CHUNKS (KVC_MAX_D / KVC_LANES)
@@ -148,8 +153,7 @@ static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *ro
     if (bits == 8) {
         b = _mm_loadu_si128((const __m128i *)(row + c0));
     } else if (bits == 4) {
-        __m128i p = _mm_loadl_epi64((const __m128i *)(row + c0 / 2)), low4 = _mm_set1_epi8(15);
-        b = _mm_unpacklo_epi8(_mm_and_si128(p, low4), _mm_and_si128(_mm_srli_epi16(p, 4), low4));
+        b = kvc_nibbles(_mm_loadl_epi64((const __m128i *)(row + c0 / 2)));
     } else {
         int32_t w;
         memcpy(&w, row + c0 / 4, sizeof w);
@@ -168,8 +172,7 @@ static inline __attribute__((always_inline)) kvc_vec codes_vec(const uint8_t *ro
     } else if (bits == 4) {
         int32_t w;
         memcpy(&w, row + c0 / 2, sizeof w);
-        __m128i p = _mm_cvtsi32_si128(w), low4 = _mm_set1_epi8(15);
-        b = _mm_unpacklo_epi8(_mm_and_si128(p, low4), _mm_and_si128(_mm_srli_epi16(p, 4), low4));
+        b = kvc_nibbles(_mm_cvtsi32_si128(w));
     } else {
         uint16_t w;
         memcpy(&w, row + c0 / 4, sizeof w);
