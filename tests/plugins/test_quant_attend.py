@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.types import KVTier
@@ -217,3 +219,33 @@ def test_every_build_of_the_decode_kernel_agrees(flags, tmp_path, monkeypatch):
         rows = torch.randn(2, 3, 3, d, generator=torch.Generator().manual_seed(9)) / d**0.5
         torch.testing.assert_close(native.attend_layer(rows, tiers, dense, padding).double(),
                                    _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    d=st.sampled_from([16, 32, 64, 128]),
+    g_div=st.sampled_from([1, 2, 4]),
+    parts=st.lists(st.tuples(st.sampled_from([2, 4, 8]), st.integers(1, 300), st.sampled_from(["channel", "token"])),
+                   min_size=1, max_size=4),
+    rows=st.integers(1, 40),
+    n_dense=st.integers(1, 20),
+    pad=st.integers(0, 300),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_kernel_matches_one_softmax_on_random_layers(d, g_div, parts, rows, n_dense, pad, threads, seed):
+    """Any mix of tiers, group sizes (also narrower than a vector), query rows (also more than a
+    block of 16), left padding and thread counts: the kernel equals one softmax over everything."""
+    g = d // g_div
+    tiers = [_tier(bits, n, axis, seed + i, b=2, h=2, d=d, g=g) for i, (bits, n, axis) in enumerate(parts)]
+    padding = [torch.zeros(2, 2, 1, t.n_tokens, dtype=torch.bool) for t in tiers]
+    padding[0][0, :, :, : min(pad, tiers[0].n_tokens)] = True
+    dense = _dense(2, 2, n_dense, d, seed=seed)
+    q = torch.randn(2, 2, rows, d, generator=torch.Generator().manual_seed(seed)) / d**0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.attend_layer(q, tiers, dense, padding)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), _reference(q, tiers, dense, padding), rtol=1e-4, atol=1e-5)
