@@ -2,7 +2,8 @@
 
 One `default` decode step of SmolLM2-135M through transformers' forward, against a hand-written
 step that calls the same submodules and kvcomp's own cache directly (the prefill's LLaMA-block
-helpers), on the same prompt; best of 3 rounds of 10 steps, then the two steps' logits compared.
+helpers), on the same prompt; best of 3 rounds of 10 steps, then the two steps' logits compared,
+and the time of the linear layers alone (each called on one token).
 
     .venv/bin/python docs/data/decode/lean_step_xp.py 1000
 """
@@ -56,3 +57,16 @@ with torch.no_grad():
     a = model(input_ids=tok, cache=c1, use_cache=True).logits[:, -1:]
     bl = lean_step(tok, c2)
     print("max diff", (a - bl).abs().max().item())
+    # The linear layers alone, each called on one token as a decode step calls them.
+    x, hidden = torch.randn(1, 1, model.config.hidden_size), torch.randn(1, 1, model.config.intermediate_size)
+    linears = [(m, x) for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+               layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
+    linears += [(layer.mlp.down_proj, hidden) for layer in model.model.layers] + [(model.lm_head, x)]
+    best = 1e9
+    for _ in range(3):
+        s = time.perf_counter()
+        for _ in range(10):
+            for m, inp in linears:
+                m(inp)
+        best = min(best, (time.perf_counter() - s) / 10)
+    print("linear layers alone ms", round(best * 1e3, 2))
