@@ -156,6 +156,16 @@ def _long_layer(d: int, seed: int) -> tuple[list[KVTier], DensePart, list[torch.
     return tiers, dense, padding, rows
 
 
+def _native_on_threads(threads: int, *args):
+    """The C kernel's attention with torch (and so the kernel) on ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return native.attend_layer(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("d", [64, 128])
 def test_native_kernel_merges_spans_of_long_layers(d, threads):
@@ -164,12 +174,7 @@ def test_native_kernel_merges_spans_of_long_layers(d, threads):
     tiers, dense, padding, rows = _long_layer(d, seed=d)
     total = sum(t.n_tokens for t in tiers) + dense.keys.shape[2]
     assert native.spans_per_head(total, 2 * 3, threads) > 1
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = native.attend_layer(rows, tiers, dense, padding)
-    finally:
-        torch.set_num_threads(before)
+    out = _native_on_threads(threads, rows, tiers, dense, padding)
     torch.testing.assert_close(out.double(), _reference(rows, tiers, dense, padding), rtol=1e-4, atol=1e-5)
 
 
@@ -242,10 +247,5 @@ def test_native_kernel_matches_one_softmax_on_random_layers(d, g_div, parts, row
     padding[0][0, :, :, : min(pad, tiers[0].n_tokens)] = True
     dense = _dense(2, 2, n_dense, d, seed=seed)
     q = torch.randn(2, 2, rows, d, generator=torch.Generator().manual_seed(seed)) / d**0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = native.attend_layer(q, tiers, dense, padding)
-    finally:
-        torch.set_num_threads(before)
+    out = _native_on_threads(threads, q, tiers, dense, padding)
     torch.testing.assert_close(out.double(), _reference(q, tiers, dense, padding), rtol=1e-4, atol=1e-5)
