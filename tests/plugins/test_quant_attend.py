@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kvcore.decode_attention import DensePart, attend_dense, merge_parts
 from kvcore.types import KVTier
+from kvcomp_plugins.native import _cpu_flags
 from kvcomp_plugins.quantizers import attend, native
 from kvcomp_plugins.quantizers.packing import quantize_pack, unpack_dequantize
 
@@ -189,17 +190,10 @@ def test_head_dims_the_kernel_does_not_serve_go_to_the_torch_path():
         native.attend_layer(rows, tiers, dense)
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        return any(line.startswith("flags") and f" {flag}" in line for line in open("/proc/cpuinfo"))
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("flags", [
     pytest.param(["-DKVC_PORTABLE"], id="portable"),
     pytest.param(["-DKVC_PORTABLE", "-DKVC_NO_SHUFFLE", "-mno-avx512f", "-mno-avx2"], id="plain-loops"),
-    pytest.param(["-mno-avx512f"], id="avx2", marks=pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an AVX2 CPU")),
+    pytest.param(["-mno-avx512f"], id="avx2", marks=pytest.mark.skipif("avx2" not in _cpu_flags().split(), reason="needs an AVX2 CPU")),
 ])
 def test_every_build_of_the_decode_kernel_agrees(flags, tmp_path, monkeypatch):
     """The plain loops (other CPUs, old compilers) and the 8-lane AVX2 build compute what the

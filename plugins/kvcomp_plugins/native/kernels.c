@@ -301,6 +301,31 @@ static inline __attribute__((always_inline)) void token_row(const uint8_t *row, 
 
 #define KVC_ROWS 16 /* query rows whose dot products with a block of KVC_LANES keys are kept together */
 
+/* part[r][j] = the lane-wise products of query row r (of q [nr][d]) with key k [d / KVC_LANES]. */
+static inline __attribute__((always_inline)) void rows_times_key(const float *q, int64_t nr, int64_t d, const kvc_vec *k,
+                                                                 kvc_vec part[KVC_ROWS][KVC_LANES], int64_t j) {
+    for (int64_t r = 0; r < nr; r++) {
+        const float *qr = q + r * d;
+        kvc_vec a = vec_load(qr) * k[0];
+        for (int64_t ci = 1; ci < d / KVC_LANES; ci++) a = vec_fma(vec_load(qr + ci * KVC_LANES), k[ci], a);
+        part[r][j] = a;
+    }
+}
+
+/* The logits of a block of nb keys for nr rows: out[r * total + j] = the sum of part[r][j]'s lanes,
+ * or -inf where key j is a padding slot (pad[j] = 1, a tier's) or row r may not see it
+ * (visible[r * stride + j] = 0, the dense part's mask); either may be NULL. */
+static inline __attribute__((always_inline)) void store_logits(kvc_vec part[KVC_ROWS][KVC_LANES], int64_t nr, int64_t nb,
+                                                               float *out, int64_t total, const uint8_t *pad,
+                                                               const uint8_t *visible, int64_t stride) {
+    for (int64_t r = 0; r < nr; r++) {
+        kvc_vec sums = sum_lanes(part[r]);
+        float *o = out + r * total;
+        const uint8_t *v = visible ? visible + r * stride : NULL;
+        for (int64_t j = 0; j < nb; j++) o[j] = ((pad && pad[j]) || (v && !v[j])) ? -INFINITY : sums[j];
+    }
+}
+
 /* Logits of rows q [r_count][d] against tokens [t0, t1) of a tier, into l[r * total + tok - t0]
  * (-inf for padding slots). Keys are dequantised in registers, KVC_LANES channels at a time; each
  * row's products with KVC_LANES keys are summed lane-wise, then across lanes in one tree. */
@@ -335,18 +360,9 @@ static inline __attribute__((always_inline)) void tier_logits(const kvc_tier_bh 
                     }
                     for (int64_t ci = 0; ci < chunks; ci++) k[ci] = vec_fma(codes_vec(row, bits, ci * KVC_LANES), kscale[ci], kzero[ci]);
                 }
-                for (int64_t r = 0; r < nr; r++) {
-                    const float *qr = q + (r0 + r) * d;
-                    kvc_vec a = vec_load(qr) * k[0];
-                    for (int64_t ci = 1; ci < chunks; ci++) a = vec_fma(vec_load(qr + ci * KVC_LANES), k[ci], a);
-                    part[r][j] = a;
-                }
+                rows_times_key(q + r0 * d, nr, d, k, part, j);
             }
-            for (int64_t r = 0; r < nr; r++) {
-                kvc_vec sums = sum_lanes(part[r]);
-                float *out = l + (r0 + r) * total + (b0 - t0);
-                for (int64_t j = 0; j < nb; j++) out[j] = (t->pad && t->pad[b0 + j]) ? -INFINITY : sums[j];
-            }
+            store_logits(part, nr, nb, l + r0 * total + (b0 - t0), total, t->pad ? t->pad + b0 : NULL, NULL, 0);
         }
     }
 }
@@ -397,26 +413,17 @@ static inline __attribute__((always_inline)) void dense_logits(const void *dk, i
                                                                int64_t r_count, int64_t d, float *l, int64_t total) {
     int64_t chunks = d / KVC_LANES;
     float x[KVC_MAX_D] __attribute__((aligned(64)));
-    kvc_vec part[KVC_ROWS][KVC_LANES];
+    kvc_vec part[KVC_ROWS][KVC_LANES], k[KVC_MAX_CHUNKS];
     for (int64_t b0 = t0; b0 < t1; b0 += KVC_LANES) {
         int64_t nb = t1 - b0 < KVC_LANES ? t1 - b0 : KVC_LANES;
         for (int64_t r0 = 0; r0 < r_count; r0 += KVC_ROWS) {
             int64_t nr = r_count - r0 < KVC_ROWS ? r_count - r0 : KVC_ROWS;
             for (int64_t j = 0; j < KVC_LANES; j++) {
                 const float *key = dense_row(dk, dtype, base + (b0 + (j < nb ? j : 0)) * d, d, x);
-                for (int64_t r = 0; r < nr; r++) {
-                    const float *qr = q + (r0 + r) * d;
-                    kvc_vec a = vec_load(qr) * vec_load(key);
-                    for (int64_t ci = 1; ci < chunks; ci++) a = vec_fma(vec_load(qr + ci * KVC_LANES), vec_load(key + ci * KVC_LANES), a);
-                    part[r][j] = a;
-                }
+                for (int64_t ci = 0; ci < chunks; ci++) k[ci] = vec_load(key + ci * KVC_LANES);
+                rows_times_key(q + r0 * d, nr, d, k, part, j);
             }
-            for (int64_t r = 0; r < nr; r++) {
-                kvc_vec sums = sum_lanes(part[r]);
-                float *out = l + (r0 + r) * total + (b0 - t0);
-                const uint8_t *m = mask ? mask + (r0 + r) * n_dense : NULL;
-                for (int64_t j = 0; j < nb; j++) out[j] = (m && !m[b0 + j]) ? -INFINITY : sums[j];
-            }
+            store_logits(part, nr, nb, l + r0 * total + (b0 - t0), total, NULL, mask ? mask + r0 * n_dense + b0 : NULL, n_dense);
         }
     }
 }
@@ -470,7 +477,8 @@ typedef struct {
  * maximum logit and its sum of exp(logit - maximum). */
 static inline __attribute__((always_inline)) void attend_span(const kvc_attend_args *a, int64_t bh, int64_t span, int64_t d) {
     int64_t r_count = a->r_count, total = a->total, g = a->g;
-    int64_t c0 = span * a->span, c1 = c0 + a->span < total ? c0 + a->span : total;
+    /* Empty when the spans were rounded up past the end: all stats then say "nothing visible". */
+    int64_t c0 = span * a->span < total ? span * a->span : total, c1 = c0 + a->span < total ? c0 + a->span : total;
     const float *q = a->rows + bh * r_count * d;
     float *l = a->logits + bh * r_count * total;
     float *acc = a->partial + (bh * a->spans + span) * r_count * (d + 2);
@@ -478,22 +486,30 @@ static inline __attribute__((always_inline)) void attend_span(const kvc_attend_a
     const uint8_t *dmask = a->dmask ? a->dmask + bh * r_count * a->n_dense : NULL;
     int64_t dense_base = bh * a->dense_bh_stride;
 
-    /* Logits of the span, tier by tier. */
-    int64_t first = 0; /* first column of the current part */
-    for (int64_t i = 0; i <= a->n_tiers; first += (i < a->n_tiers ? a->tiers[i].n : 0), i++) {
+    /* The span's share [s0[i], s1[i]) of each part i (the tiers, then the dense part at n_tiers),
+     * whose first column is first[i]. */
+    int64_t parts = a->n_tiers + 1, first[parts], s0[parts], s1[parts];
+    for (int64_t i = 0, col = 0; i < parts; i++) {
         int64_t n = i < a->n_tiers ? a->tiers[i].n : a->n_dense;
-        int64_t s0 = c0 > first ? c0 - first : 0, s1 = c1 - first < n ? c1 - first : n;
-        if (s0 >= s1) continue;
-        float *lp = l + first + s0;
+        first[i] = col;
+        s0[i] = c0 > col ? c0 - col : 0;
+        s1[i] = c1 - col < n ? c1 - col : n;
+        col += n;
+    }
+
+    /* Logits of the span, part by part. */
+    for (int64_t i = 0; i < parts; i++) {
+        if (s0[i] >= s1[i]) continue;
+        float *lp = l + first[i] + s0[i];
         if (i == a->n_tiers) {
-            dense_logits(a->dk, a->dense_dtype, dense_base, s0, s1, dmask, a->n_dense, q, r_count, d, lp, total);
+            dense_logits(a->dk, a->dense_dtype, dense_base, s0[i], s1[i], dmask, a->n_dense, q, r_count, d, lp, total);
             continue;
         }
         kvc_tier_bh t = tier_bh(&a->tiers[i], bh, d, g);
         if (a->tiers[i].key_token_axis)
-            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 1, s0, s1, q, r_count, d, g, lp, total));
+            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 1, s0[i], s1[i], q, r_count, d, g, lp, total));
         else
-            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 0, s0, s1, q, r_count, d, g, lp, total));
+            KVC_BY_BITS(a->tiers[i].bits, tier_logits(&t, b_, 0, s0[i], s1[i], q, r_count, d, g, lp, total));
     }
 
     /* Softmax statistics of the span (unnormalised: the merge divides). */
@@ -507,18 +523,15 @@ static inline __attribute__((always_inline)) void attend_span(const kvc_attend_a
 
     /* Values, weighted. */
     memset(acc, 0, (size_t)(r_count * d) * sizeof(float));
-    first = 0;
-    for (int64_t i = 0; i <= a->n_tiers; first += (i < a->n_tiers ? a->tiers[i].n : 0), i++) {
-        int64_t n = i < a->n_tiers ? a->tiers[i].n : a->n_dense;
-        int64_t s0 = c0 > first ? c0 - first : 0, s1 = c1 - first < n ? c1 - first : n;
-        if (s0 >= s1) continue;
-        const float *lp = l + first + s0;
+    for (int64_t i = 0; i < parts; i++) {
+        if (s0[i] >= s1[i]) continue;
+        const float *lp = l + first[i] + s0[i];
         if (i == a->n_tiers) {
-            dense_values(a->dv, a->dense_dtype, dense_base, s0, s1, lp, total, r_count, d, acc);
+            dense_values(a->dv, a->dense_dtype, dense_base, s0[i], s1[i], lp, total, r_count, d, acc);
             continue;
         }
         kvc_tier_bh t = tier_bh(&a->tiers[i], bh, d, g);
-        KVC_BY_BITS(a->tiers[i].bits, tier_values(&t, b_, s0, s1, lp, total, r_count, d, g, acc));
+        KVC_BY_BITS(a->tiers[i].bits, tier_values(&t, b_, s0[i], s1[i], lp, total, r_count, d, g, acc));
     }
 }
 
@@ -565,11 +578,6 @@ int kvc_attend(const float *rows, int64_t bh_count, int64_t r_count, int64_t d, 
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             int64_t bh = item / spans, s = item % spans;
-            if (s * span >= total) { /* an empty span (spans rounded up): contributes nothing */
-                float *stats = partial + item * r_count * (d + 2) + r_count * d;
-                for (int64_t r = 0; r < r_count; r++) stats[2 * r] = -INFINITY, stats[2 * r + 1] = 0.0f;
-                continue;
-            }
             /* d as a constant for the common head dims: the per-channel loops become whole vectors. */
             if (d == 64)
                 attend_span(&a, bh, s, 64);
