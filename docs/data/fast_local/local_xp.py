@@ -1,0 +1,67 @@
+"""Experiment wrapper (not part of kvcomp): local attention in the layers before propagation thins.
+
+In compressed prefill, layers with index < XP_LOCAL_LAYERS (default 8) attend, for every token
+before the prompt window, only to the first XP_SINKS tokens (default 64) and the XP_LOCAL_W
+tokens before it (default 512); the window and everything after it attend to the whole prefix.
+Usage: python local_xp.py bench ...   (the same arguments as `kvcomp bench`)
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from kvcore import attention as A
+
+W = int(os.environ.get("XP_LOCAL_W", "512"))
+SINKS = int(os.environ.get("XP_SINKS", "64"))
+LAYERS = int(os.environ.get("XP_LOCAL_LAYERS", "8"))
+CHUNK = int(os.environ.get("XP_CHUNK", "256"))
+
+
+def local_attention(q, k, v, scaling, tail_start):
+    """q [B, H, N, d], k/v [B, H_kv, N, d] -> [B, H, N, d]."""
+    n = q.shape[2]
+    outs = []
+    for s in range(0, tail_start, CHUNK):
+        e = min(s + CHUNK, tail_start)
+        lo = max(SINKS, s - W)
+        if lo > SINKS:
+            kpos = torch.cat([torch.arange(SINKS), torch.arange(lo, e)])
+            kk, vv = k[:, :, kpos], v[:, :, kpos]
+        else:
+            kpos = torch.arange(e)
+            kk, vv = k[:, :, :e], v[:, :, :e]
+        qpos = torch.arange(s, e)
+        m = (kpos[None] <= qpos[:, None]) & ((kpos[None] < SINKS) | (kpos[None] >= qpos[:, None] - W))
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], kk, vv, attn_mask=m, scale=scaling, enable_gqa=True))
+    qpos = torch.arange(tail_start, n)
+    m = torch.arange(n)[None] <= qpos[:, None]
+    outs.append(F.scaled_dot_product_attention(q[:, :, tail_start:], k, v, attn_mask=m, scale=scaling, enable_gqa=True))
+    return torch.cat(outs, 2)
+
+
+def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, window_rows=None, **kw):
+    capture = A._CAPTURE.get()
+    n = query.shape[2]
+    if (
+        capture is not None and window_rows is None and attention_mask is None and module.layer_idx < LAYERS
+        and n == key.shape[2] and n > SINKS + W + CHUNK
+    ):
+        capture.queries = query[:, :, capture.window_idx]
+        capture.keys, capture.values = key, value
+        tail = int(capture.window_idx.min())
+        out = local_attention(query, key, value, scaling, tail)
+        return out.transpose(1, 2).contiguous(), None
+    return A.kvcomp_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      window_rows=window_rows, **kw)
+
+
+AttentionInterface.register(A.ATTN_IMPLEMENTATION, forward)
+import kvcore.model as M  # noqa: E402  the thinning layer calls the function directly
+
+M.kvcomp_attention_forward = forward
+from kvcore.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[1:]))
