@@ -1,6 +1,6 @@
 """Experiment wrapper (not part of kvcomp): local attention in the layers before propagation thins.
 
-In compressed prefill, layers with index < XP_LOCAL_LAYERS (default 8) attend, for every token
+In compressed prefill, layers with index in [XP_LOCAL_FROM, XP_LOCAL_LAYERS) (default [0, 8)) attend, for every token
 before the prompt window, only to the first XP_SINKS tokens (default 64) and the XP_LOCAL_W
 tokens before it (default 512); the window and everything after it attend to the whole prefix.
 Usage: python local_xp.py bench ...   (the same arguments as `kvcomp bench`)
@@ -17,6 +17,7 @@ from kvcore import attention as A
 W = int(os.environ.get("XP_LOCAL_W", "512"))
 SINKS = int(os.environ.get("XP_SINKS", "64"))
 LAYERS = int(os.environ.get("XP_LOCAL_LAYERS", "8"))
+FIRST = int(os.environ.get("XP_LOCAL_FROM", "0"))
 CHUNK = int(os.environ.get("XP_CHUNK", "256"))
 
 
@@ -46,7 +47,7 @@ def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None
     capture = A._CAPTURE.get()
     n = query.shape[2]
     if (
-        capture is not None and window_rows is None and attention_mask is None and module.layer_idx < LAYERS
+        capture is not None and window_rows is None and attention_mask is None and FIRST <= module.layer_idx < LAYERS
         and n == key.shape[2] and n > SINKS + W + CHUNK
     ):
         capture.queries = query[:, :, capture.window_idx]
