@@ -1,8 +1,10 @@
-"""Experiment wrapper (not part of kvcomp): local attention in the layers before propagation thins.
+"""Experiment wrapper (not part of kvcomp): local attention in some layers of the prefill.
 
-In compressed prefill, layers with index in [XP_LOCAL_FROM, XP_LOCAL_LAYERS) (default [0, 8)) attend, for every token
-before the prompt window, only to the first XP_SINKS tokens (default 64) and the XP_LOCAL_W
-tokens before it (default 512); the window and everything after it attend to the whole prefix.
+In compressed prefill, layers with index in [XP_LOCAL_FROM, XP_LOCAL_LAYERS) (default [0, 8): the
+layers before `fast` thins) attend, for every token before the prompt window, only to the first
+XP_SINKS tokens (default 64) and the XP_LOCAL_W tokens before it (default 512); the window and
+everything after it attend to the whole prefix. Only while the stream is whole and unpadded (a
+thinned or padded stream, and the last layer, attend as usual).
 Usage: python local_xp.py bench ...   (the same arguments as `kvcomp bench`)
 """
 import os
