@@ -3,8 +3,9 @@
 In compressed prefill, layers with index in [XP_LOCAL_FROM, XP_LOCAL_LAYERS) (default [0, 8): the
 layers before `fast` thins) attend, for every token before the prompt window, only to the first
 XP_SINKS tokens (default 64) and the XP_LOCAL_W tokens before it (default 512); the window and
-everything after it attend to the whole prefix. Only while the stream is whole and unpadded (a
-thinned or padded stream, and the last layer, attend as usual).
+everything after it attend to the whole prefix. A padded batch and the last layer attend as
+usual. Columns stand for positions, so the layers chosen must come before any thinning (as in
+both runs: layers 0-7 of `fast`, layers 12-29 of `default`, which does not thin).
 Usage: python local_xp.py bench ...   (the same arguments as `kvcomp bench`)
 """
 import os
