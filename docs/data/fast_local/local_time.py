@@ -10,6 +10,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from local_xp import local_attention  # the function the KL runs used
+
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
 H, HKV, D, SINKS, TAIL = 9, 3, 64, 64, 128
 torch.manual_seed(0)
@@ -21,19 +23,9 @@ def causal():
 
 
 def local(window, chunk):
-    """Every row before the last TAIL: the first SINKS keys and the `window` before it; the last
-    TAIL rows: every earlier key (chunks of `chunk` query rows, as local_xp.py runs it)."""
-    outs, tail = [], N - TAIL
-    for s in range(0, tail, chunk):
-        e = min(s + chunk, tail)
-        lo = max(SINKS, s - window)
-        kpos = torch.cat([torch.arange(SINKS), torch.arange(lo, e)]) if lo > SINKS else torch.arange(e)
-        qpos = torch.arange(s, e)
-        m = (kpos[None] <= qpos[:, None]) & ((kpos[None] < SINKS) | (kpos[None] >= qpos[:, None] - window))
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, kpos], v[:, :, kpos], attn_mask=m, enable_gqa=True))
-    m = torch.arange(N)[None] <= torch.arange(tail, N)[:, None]
-    outs.append(F.scaled_dot_product_attention(q[:, :, tail:], k, v, attn_mask=m, enable_gqa=True))
-    return torch.cat(outs, 2)
+    """local_xp.py's pattern: rows before the last TAIL see the first SINKS keys and the `window`
+    before them; the last TAIL rows every earlier key."""
+    return local_attention(q, k, v, None, N - TAIL, window, SINKS, chunk)
 
 
 x, up = torch.randn(1, N, 576), torch.nn.Linear(576, 1536, bias=False)

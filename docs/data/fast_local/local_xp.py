@@ -24,21 +24,22 @@ FIRST = int(os.environ.get("XP_LOCAL_FROM", "0"))
 CHUNK = int(os.environ.get("XP_CHUNK", "256"))
 
 
-def local_attention(q, k, v, scaling, tail_start):
-    """q [B, H, N, d], k/v [B, H_kv, N, d] -> [B, H, N, d]."""
+def local_attention(q, k, v, scaling, tail_start, window=W, sinks=SINKS, chunk=CHUNK):
+    """q [B, H, N, d], k/v [B, H_kv, N, d] -> [B, H, N, d]: rows before tail_start see the first
+    `sinks` keys and the `window` before them (in chunks of `chunk` rows), later rows every key."""
     n = q.shape[2]
     outs = []
-    for s in range(0, tail_start, CHUNK):
-        e = min(s + CHUNK, tail_start)
-        lo = max(SINKS, s - W)
-        if lo > SINKS:
-            kpos = torch.cat([torch.arange(SINKS), torch.arange(lo, e)])
+    for s in range(0, tail_start, chunk):
+        e = min(s + chunk, tail_start)
+        lo = max(sinks, s - window)
+        if lo > sinks:
+            kpos = torch.cat([torch.arange(sinks), torch.arange(lo, e)])
             kk, vv = k[:, :, kpos], v[:, :, kpos]
         else:
             kpos = torch.arange(e)
             kk, vv = k[:, :, :e], v[:, :, :e]
         qpos = torch.arange(s, e)
-        m = (kpos[None] <= qpos[:, None]) & ((kpos[None] < SINKS) | (kpos[None] >= qpos[:, None] - W))
+        m = (kpos[None] <= qpos[:, None]) & ((kpos[None] < sinks) | (kpos[None] >= qpos[:, None] - window))
         outs.append(F.scaled_dot_product_attention(q[:, :, s:e], kk, vv, attn_mask=m, scale=scaling, enable_gqa=True))
     qpos = torch.arange(tail_start, n)
     m = torch.arange(n)[None] <= qpos[:, None]
@@ -62,10 +63,11 @@ def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None
                                       window_rows=window_rows, **kw)
 
 
-AttentionInterface.register(A.ATTN_IMPLEMENTATION, forward)
-import kvcore.model as M  # noqa: E402  the thinning layer calls the function directly
+if __name__ == "__main__":
+    AttentionInterface.register(A.ATTN_IMPLEMENTATION, forward)
+    import kvcore.model as M  # the thinning layer calls the function directly
 
-M.kvcomp_attention_forward = forward
-from kvcore.cli import main  # noqa: E402
+    M.kvcomp_attention_forward = forward
+    from kvcore.cli import main
 
-sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
