@@ -94,11 +94,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     where = f"--prompt-file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
     if not prompt.strip():
         raise UsageError(f"the prompt ({where}) is empty")
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        given = ", ".join(f for f, v in (("--temperature", args.temperature), ("--top-p", args.top_p)) if v is not None)
+        raise UsageError(f"{given} only apply to sampling; add --sample (decoding is greedy without it)")
     span = None
     if args.question is not None:
-        idx = prompt.rfind(args.question) if args.question.strip() else -1
+        if not args.question.strip():
+            raise UsageError(f"--question {args.question!r} is blank; give the question's text")
+        idx = prompt.rfind(args.question)
         if idx < 0:
-            raise UsageError(f"--question {args.question!r:.80} is not a substring of the prompt ({where})")
+            # Asked about the prompt rather than quoted from it: the question goes after the
+            # prompt, where a reader puts it (and where kvpress-style pipelines put theirs).
+            prompt = f"{prompt.rstrip()}\n\n{args.question}"
+            idx = len(prompt) - len(args.question)
+            print(f"kvcomp generate: --question is not in the prompt ({where}); asking it after the prompt",
+                  file=sys.stderr)
         span = (idx, idx + len(args.question))
     check_prompt(prompt, span)
     config = config_from_args(args)
@@ -110,8 +120,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         question_span=span,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
         truncate=args.truncate,
     )
@@ -194,14 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT")
     src.add_argument("--prompt-file", metavar="FILE", type=Path)
-    p.add_argument("--question", metavar="TEXT", help="the question inside the prompt (guides the scorer)")
+    p.add_argument(
+        "--question", metavar="TEXT",
+        help="the question (guides the scorer): its last occurrence in the prompt, or else asked after the prompt",
+    )
     add_config_arguments(p)
     p.add_argument("--model", default="smollm2-135m", help="model preset, folder, .gguf file or hub id (default: smollm2-135m)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample (default 1.0)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--truncate", choices=["error", "middle"], default="error", help="what to do with an over-long prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and the cache's cost")

@@ -8,7 +8,9 @@ A config selects components by name::
 
 Fields are strict: an unknown field or a value of the wrong type is refused, never coerced.
 Component parameters are validated against the component's own pydantic model through the
-registry (:meth:`CompressionConfig.validate_components`).
+registry (:meth:`CompressionConfig.validate_components`): when a file is read and when overrides
+are applied, so a typo is refused where it was written; a config built with :meth:`from_dict`
+is checked when it is first used.
 """
 
 from __future__ import annotations
@@ -132,9 +134,29 @@ class CompressionConfig(BaseModel):
             data[kind] = {"name": data[kind]["name"], **values}
         return CompressionConfig.from_dict(data)
 
+    def check_components(self, source: str | None = None) -> "CompressionConfig":
+        """This config, once every component section has passed :meth:`validate_components`; a
+        :class:`ComponentError` names ``source`` (a file, say) when given."""
+        try:
+            self.validate_components()
+        except ComponentError as exc:
+            if source is None:
+                raise
+            raise ComponentError(f"{source}: {exc}") from exc
+        return self
+
     def with_overrides(self, overrides: dict[str, Any]) -> "CompressionConfig":
-        """Apply dotted overrides such as ``{"scorer.alpha": 0.5, "quantizer.name": "uniform"}``."""
+        """Apply dotted overrides such as ``{"scorer.alpha": 0.5, "quantizer.name": "uniform"}``.
+
+        The result is checked whole, components included: a misspelt parameter or fractions that
+        no longer sum to 1 are refused here, so several related fields go in one call. Unless the
+        overrides set ``description``, the description says what was overridden: a preset's
+        measured claims describe the preset, not the changed config.
+        """
         data = self.to_dict()
+        if "description" not in overrides and self.description and overrides:
+            changed = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+            data["description"] = f"Overridden ({changed}); before the overrides: {self.description}"
 
         def order(dotted: str) -> int:
             # Whole sections, then component names, then parameters: a name change resets the
@@ -157,7 +179,7 @@ class CompressionConfig(BaseModel):
                 data[head] = {"name": value}  # the shorthand, spelt out so sub-field overrides can extend it
             else:
                 data[head] = dict(value) if isinstance(value, dict) else value
-        return CompressionConfig.from_dict(data)
+        return CompressionConfig.from_dict(data).check_components()
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,7 +205,8 @@ class CompressionConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CompressionConfig":
-        """Load YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
+        """Load YAML (``.yaml``/``.yml``) or JSON (``.json``), components checked against the
+        registry (a component of a plugin must be registered before its config is read)."""
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"config file {path} is a directory; give a .yaml, .yml or .json file")
@@ -197,7 +220,7 @@ class CompressionConfig(BaseModel):
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path)).check_components(source=f"config file {path}")
 
     @classmethod
     def from_preset(cls, name: str) -> "CompressionConfig":

@@ -59,6 +59,8 @@ class CompressedLlamaForCausalLM(LlamaForCausalLM):
     @classmethod
     def from_pretrained(cls, *args: Any, kvcomp_config: CompressionConfig | None = None, **kwargs: Any):  # type: ignore[override]
         kwargs.setdefault("attn_implementation", ATTN_IMPLEMENTATION)
+        if kvcomp_config is not None:
+            kvcomp_config.check_components()  # a bad parameter costs no loading time
         model = super().from_pretrained(*args, **kwargs)
         if kvcomp_config is not None:
             model.set_compression(kvcomp_config)

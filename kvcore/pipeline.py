@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +25,9 @@ from kvcore.loading import DEFAULT_MODEL, check_device, load_model, load_tokeniz
 from kvcore.text import encode_prompt, encode_prompt_with_offsets, tokens_in_char_span, truncate_middle_ids
 from kvcore.types import GenerationResult, tensor_bytes
 from kvcore.weights import quantize_linear_weights
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+"""What ``from_pretrained`` reads as a config file rather than a preset name."""
 
 
 class KVCompPipeline:
@@ -47,15 +51,23 @@ class KVCompPipeline:
     def from_pretrained(
         cls,
         model: str = DEFAULT_MODEL,
-        config: CompressionConfig | str = "default",
+        config: CompressionConfig | str | Path = "default",
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
     ) -> "KVCompPipeline":
-        """Load ``model`` (preset name, folder, ``.gguf`` or hub id) with a config or preset name.
+        """Load ``model`` (preset name, folder, ``.gguf`` or hub id) with a config: a
+        :class:`CompressionConfig`, a preset name or the path of a ``.yaml``/``.yml``/``.json`` file.
 
-        Arguments are checked before the weights load, so a bad one costs no loading time.
+        Arguments, the config's components included, are checked before the weights load, so a
+        bad one costs no loading time.
         """
-        cfg = load_config(preset=config) if isinstance(config, str) else _check_config_type(config)
+        if isinstance(config, Path) or (isinstance(config, str) and config.endswith(CONFIG_SUFFIXES)):
+            cfg = CompressionConfig.from_file(config)
+        elif isinstance(config, str):
+            cfg = load_config(preset=config)
+        else:
+            cfg = _check_config_type(config)
+        cfg.check_components()
         check_device(device)
         source = resolve_model(model)
         return cls(load_model(source, dtype=dtype, device=device), load_tokenizer(source), cfg)
@@ -375,8 +387,8 @@ def check_prompt(prompt: Any, question_span: Any = None) -> None:
     ``question_span`` that is not two ``int`` character offsets (its range is checked on encoding)."""
     if isinstance(prompt, (list, tuple)):
         raise TypeError(
-            f"prompt must be one str, got a {type(prompt).__name__} of {len(prompt)} items: call generate once "
-            "per prompt, or model.generate() on a left-padded batch"
+            f"prompt must be one str, got a {type(prompt).__name__} of {len(prompt)} items: several prompts go "
+            "to generate_batch(prompts), or call generate once per prompt"
         )
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.60}")
@@ -402,8 +414,9 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_config_type(config: Any) -> CompressionConfig:
     if not isinstance(config, CompressionConfig):
         raise TypeError(
-            f"config must be a CompressionConfig or a preset name ({', '.join(preset_names())}), "
-            f"got {type(config).__name__} {config!r:.60}"
+            f"config must be a CompressionConfig, a preset name ({', '.join(preset_names())}) or a "
+            f"{'/'.join(CONFIG_SUFFIXES)} file; got {type(config).__name__} {config!r:.60} (a mapping: "
+            "CompressionConfig.from_dict(mapping))"
         )
     return config
 

@@ -62,7 +62,10 @@ def test_config_show_applies_overrides(capsys: pytest.CaptureFixture[str]) -> No
     default = CompressionConfig.from_preset("default").resolved().to_dict()
     assert default["scorer"]["alpha"] != 0.5
     assert shown["scorer"] == {**default["scorer"], "alpha": 0.5}
-    assert {k: v for k, v in shown.items() if k != "scorer"} == {k: v for k, v in default.items() if k != "scorer"}
+    others = ("scorer", "description")
+    assert {k: v for k, v in shown.items() if k not in others} == {k: v for k, v in default.items() if k not in others}
+    # The preset's measured claims no longer describe the changed config: the description says so.
+    assert shown["description"] == f"Overridden (scorer.alpha=0.5); before the overrides: {default['description']}"
 
 
 def test_config_show_reads_files_and_several_overrides(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -134,3 +137,31 @@ def test_installed_script_reports_bad_input_without_traceback(tmp_path: Path) ->
     assert proc.stdout == ""
     assert proc.stderr.startswith("kvcomp: error: invalid parameters for scorer 'prompt_guided':\n  scorer.alpha: ")
     assert "Traceback" not in proc.stderr
+
+
+# -- generate --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import save_bpe_llama
+
+    out = tmp_path_factory.mktemp("tiny_bpe_cli")
+    save_bpe_llama(out, ["the pass key is 12345. " * 20], vocab_size=300, num_hidden_layers=2, max_position_embeddings=512)
+    return out
+
+
+def test_a_question_not_in_the_prompt_is_asked_after_it(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--question`` absent from the prompt: the same run as with the question written after the
+    prompt (a blank line between), and a note on stderr, not in the JSON on stdout."""
+    context = "the pass key is 12345. " * 6
+    question = "what is the pass key?"
+    common = ["--model", str(tiny_model_dir), "--preset", "default", "--max-new-tokens", "3", "--json"]
+    status, out, err = run(capsys, "generate", "--prompt", context, "--question", question, *common)
+    assert status == 0, err
+    assert "--question is not in the prompt (--prompt); asking it after the prompt" in err
+    asked = json.loads(out)
+    status, out, err = run(capsys, "generate", "--prompt", f"{context.rstrip()}\n\n{question}", "--question", question,
+                           *common)  # fmt: skip
+    assert status == 0 and "asking it" not in err, err
+    written = json.loads(out)
+    for key in ("text", "prompt_tokens", "kv_bytes", "tokens_kept_per_layer"):
+        assert asked[key] == written[key], key

@@ -407,3 +407,23 @@ def test_the_docs_list_every_shipped_preset() -> None:
     for name in preset_names():
         assert f"| `{name}` |" in readme, f"README's preset table lacks {name}"
         assert f"`{name}`" in lm_eval_row, f"docs/lm_eval.md's preset list lacks {name}"
+
+
+def test_a_misspelt_component_parameter_is_refused_where_it_was_written(tmp_path: Path) -> None:
+    """Files and overrides are checked against the registry at once, not when the config is used."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(CompressionConfig.from_preset("default").to_yaml().replace("frac_8bit", "frac_8bt"), encoding="utf-8")
+    with pytest.raises(ComponentError, match=rf"(?s)config file {typo}: .*quantizer\.frac_8bt: Extra inputs are not permitted"):
+        CompressionConfig.from_file(typo)
+    with pytest.raises(ComponentError, match="quantizer"):
+        CompressionConfig.from_preset("default").with_overrides({"quantizer.frac_8bit": 0.2})  # fractions sum to 1.1
+    # Related fields go in one call.
+    both = CompressionConfig.from_preset("default").with_overrides({"quantizer.frac_8bit": 0.2, "quantizer.frac_4bit": 0.45})
+    assert both.quantizer.params["frac_8bit"] == 0.2
+
+
+def test_overrides_keep_a_set_description_and_mark_the_inherited_one() -> None:
+    base = CompressionConfig.from_preset("default")
+    assert base.with_overrides({"scorer.alpha": 0.5}).description.startswith("Overridden (scorer.alpha=0.5); before")
+    assert base.with_overrides({"scorer.alpha": 0.5, "description": "mine"}).description == "mine"
+    assert base.with_overrides({}).description == base.description

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvcore.config import CompressionConfig
+from kvcore.registry import ComponentError
 from kvcore.pipeline import KVCompPipeline
 
 from tiny_models import SHORT_PROMPT_PROPAGATION
@@ -120,7 +121,7 @@ def test_ill_typed_arguments_are_refused_by_name(pipe, kwargs, error, match):
         pipe.generate(PROMPT, **kwargs)
 
 
-@pytest.mark.parametrize(("prompt", "match"), [(["a b", "c d"], "a list of 2 items: call generate once per prompt"), (b"abc", "got bytes")])
+@pytest.mark.parametrize(("prompt", "match"), [(["a b", "c d"], "a list of 2 items: several prompts go to generate_batch"), (b"abc", "got bytes")])
 def test_a_prompt_that_is_not_one_str_is_refused(pipe, prompt, match):
     with pytest.raises(TypeError, match=match):
         pipe.generate(prompt)
@@ -130,10 +131,36 @@ def test_a_config_that_is_neither_a_config_nor_a_preset_is_refused_before_loadin
     import kvcore.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "resolve_model", lambda *a: pytest.fail("the model was resolved first"))
-    with pytest.raises(TypeError, match="config must be a CompressionConfig or a preset name .* got int 123"):
+    with pytest.raises(TypeError, match="config must be a CompressionConfig, a preset name .* got int 123"):
         KVCompPipeline.from_pretrained("smollm2-135m", config=123)
-    with pytest.raises(TypeError, match="got dict"):
+    with pytest.raises(TypeError, match=r"got dict .*CompressionConfig\.from_dict\(mapping\)"):
         pipe.set_config({"scorer": "snapkv"})
+
+
+def test_a_config_file_is_read_and_its_components_checked_before_loading(tmp_path, monkeypatch):
+    import kvcore.pipeline as pipeline_module
+
+    class _Stop(Exception):
+        """Raised where the model would be resolved and loaded: every check before it passed."""
+
+    def stop(*args):
+        raise _Stop()
+
+    monkeypatch.setattr(pipeline_module, "resolve_model", stop)
+    good = tmp_path / "good.yaml"
+    good.write_text(CompressionConfig.from_preset("default").to_yaml(), encoding="utf-8")
+    for config in (str(good), good):  # read as a file, then stopped where the model would load
+        with pytest.raises(_Stop):
+            KVCompPipeline.from_pretrained("smollm2-135m", config=config)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(good.read_text(encoding="utf-8").replace("frac_8bit", "frac_8bt"), encoding="utf-8")
+    with pytest.raises(ComponentError, match=rf"(?s)config file {typo}: invalid parameters .*quantizer\.frac_8bt"):
+        KVCompPipeline.from_pretrained("smollm2-135m", config=str(typo))
+    # A config built in code is checked there too, before the weights.
+    section = dict(CompressionConfig.from_preset("default").to_dict()["quantizer"], frac_8bit=0.2)
+    unchecked = CompressionConfig.from_dict({**CompressionConfig.from_preset("default").to_dict(), "quantizer": section})
+    with pytest.raises(ComponentError, match="quantizer"):
+        KVCompPipeline.from_pretrained("smollm2-135m", config=unchecked)
 
 
 # The presets' per-layer schedules name layers of a 30-layer model; the test model has 4.
