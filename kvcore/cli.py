@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -68,8 +71,14 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_presets(args: argparse.Namespace) -> int:
-    rows = [{"preset": n, "description": CompressionConfig.from_preset(n).description.strip()} for n in preset_names()]
-    _print_table(["preset", "description"], rows)
+    """Each preset's name, then its description wrapped to the terminal (descriptions run to
+    several sentences of measurements: one line each would run off any screen)."""
+    names = preset_names()
+    indent = " " * (max(map(len, names)) + 2)
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    for name in names:
+        text = CompressionConfig.from_preset(name).description.strip() or "(no description)"
+        print(textwrap.fill(text, width, initial_indent=name.ljust(len(indent)), subsequent_indent=indent))
     return 0
 
 
@@ -293,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvcomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`kvcomp config presets | head`): no traceback, and none at exit either
+        # when Python flushes stdout into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kvcore.registry import NONE_COMPONENT, ComponentError, ComponentRegistry, get_registry
+from kvcore.registry import NONE_COMPONENT, ComponentError, ComponentRegistry, format_validation_error, get_registry
 
 PRESET_PACKAGE = "kvcore.presets"
 
@@ -246,20 +246,12 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     return CompressionConfig.from_preset(preset or "default")
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``field.path: message (got value)``."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
 __all__ = [
     "ComponentError",
     "ComponentSection",
     "CompressionConfig",
     "ConfigError",
+    "format_validation_error",
     "layer_index_keys",
     "load_config",
     "preset_names",

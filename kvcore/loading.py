@@ -218,7 +218,7 @@ def fetch_model(name: str, token: str | None = None, revision: str | None = None
     need an accepted licence on the hub and a token (``--token``, ``HF_TOKEN`` or ``hf auth login``).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     preset = MODEL_PRESETS.get(name)
     if preset is not None and preset.gguf_package:
@@ -235,6 +235,15 @@ def fetch_model(name: str, token: str | None = None, revision: str | None = None
     except RepositoryNotFoundError as exc:
         raise FileNotFoundError(
             f"{repo_id} was not found on the hub, or it is private and needs a token (401)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:  # offline, or no route to the hub, and nothing cached
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        read_as = "" if preset or "/" in name else (
+            f"; {name!r} is not a model preset ({', '.join(MODEL_PRESETS)}), so it was read as a hub id"
+        )
+        raise FileNotFoundError(
+            f"{repo_id} cannot be downloaded: the hub cannot be reached ({reason.removeprefix('Got: ')}) and the "
+            f"local hub cache does not hold it{read_as}"
         ) from exc
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)

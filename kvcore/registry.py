@@ -127,7 +127,7 @@ class ComponentRegistry:
         try:
             model = spec.config_model.model_validate(params)
         except ValidationError as exc:
-            raise ComponentError(f"invalid parameters for {kind} {name!r}:\n{_format_errors(kind, exc)}") from exc
+            raise ComponentError(f"invalid parameters for {kind} {name!r}:\n{format_validation_error(exc, kind)}") from exc
         return model.model_dump()
 
     def create(self, kind: str, name: str, params: dict[str, Any]) -> Any:
@@ -146,11 +146,19 @@ class ComponentRegistry:
         return component
 
 
-def _format_errors(prefix: str, exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, prefix: str | None = None) -> str:
+    """One line per problem: ``field.path: message (got value)``, the path under ``prefix``.
+
+    A check written as a validator (pydantic's ``value_error``) names the values it refuses in its
+    own message, and its input is often the whole section: that input is not repeated.
+    """
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]))
-        lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        loc = ".".join(str(p) for p in ([prefix] if prefix else []) + list(err["loc"])) or "(top level)"
+        if err["type"] == "value_error":
+            lines.append(f"  {loc}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 

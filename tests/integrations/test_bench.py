@@ -374,6 +374,15 @@ def test_min_prompt_tokens_keeps_only_long_enough_rows(tiny_model_dir, tmp_path)
     assert [i for i, _ in long_ones] == ["qasper-1", "qasper-3", "qasper-4"]
     assert ids(min_prompt_tokens=floor, limit=2) == long_ones[:2]  # --limit counts the rows kept
     assert ids(min_prompt_tokens=floor, offset=2) == long_ones[1:]  # --offset still skips file rows first
+    # An empty selection names the filters that emptied it.
+    with pytest.raises(ValueError, match="has no examples left after --offset 1, --min-prompt-tokens 1000000$"):
+        ids(min_prompt_tokens=10**6, offset=1)
+    # An offset past the file's end is refused with the data check, before any model loads.
+    suite = BenchSuite.parse("longbench:qasper", data_dir=folder, offset=5)
+    bench = CompressionBenchmark({"default": CompressionConfig.from_preset("default")}, suite, tmp_path / "past",
+                                 model="/nonexistent/model", max_new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="--offset 5 is past the last row of qasper"):
+        bench.check()
     with pytest.raises(ValueError, match="probes take their lengths"):
         BenchSuite.parse("passkey", min_prompt_tokens=100)
     with pytest.raises(ValueError, match="exceeds max_prompt_tokens"):

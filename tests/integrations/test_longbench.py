@@ -442,3 +442,11 @@ def test_longbench_e_split_and_length_groups(tok: PreTrainedTokenizerFast, tmp_p
     assert summarize_scores_by_length(ev.rows) == {"hotpotqa": {"0-4k": 0.5, "4-8k": 1.0, "8k+": 1.0}}
     with pytest.raises(ValueError, match="'musique' has no LongBench-E split"):
         LongBenchEvaluator(ReadingGenerator(tok, 400), tasks=["musique"], data_dir=tmp_path, longbench_e=True)
+
+
+def test_a_misspelt_task_is_answered_with_the_nearest_name() -> None:
+    from kvcomp_eval.data.longbench import unknown_tasks_message
+
+    assert unknown_tasks_message(["multinews"]).startswith("unknown LongBench task 'multinews' (did you mean 'multi_news'?); known: ")
+    many = unknown_tasks_message(["qasperr", "zzz"])
+    assert many.startswith("unknown LongBench tasks ['qasperr', 'zzz'] (did you mean 'qasperr' -> 'qasper'?); known: ")

@@ -125,3 +125,17 @@ def test_an_uncached_hub_model_without_network_is_refused_at_once(capsys, monkey
     assert time.perf_counter() - start < 5
     assert f"model {model!r}" in err and f"kvcomp model fetch {model}" in err
     assert ("HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached") in err
+
+
+@pytest.mark.parametrize(("name", "read_as"), [("nonexist-model", True), ("llama2-7b", False), ("someone/llama", False)])
+def test_fetch_without_the_hub_names_the_model_and_how_it_was_read(capsys, monkeypatch, name, read_as) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args: object, **kwargs: object) -> None:  # what snapshot_download raises with no route to the hub
+        raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened ...")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    err = _one_line_error(capsys, ["model", "fetch", name])
+    assert "cannot be downloaded: the hub cannot be reached (ConnectError: [Errno -2] Name or service not known)" in err
+    assert ("is not a model preset (smollm2-135m" in err) == read_as, err

@@ -83,8 +83,9 @@ def test_config_show_reads_files_and_several_overrides(capsys: pytest.CaptureFix
 def test_config_presets_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "config", "presets")
     assert status == 0
-    listed = [line.split()[0] for line in out.splitlines()[2:]]
+    listed = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
     assert listed == preset_names()
+    assert max(map(len, out.splitlines())) <= 120  # wrapped, whatever the descriptions' length
 
 
 def test_plugins_lists_every_component(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +138,21 @@ def test_installed_script_reports_bad_input_without_traceback(tmp_path: Path) ->
     assert proc.stdout == ""
     assert proc.stderr.startswith("kvcomp: error: invalid parameters for scorer 'prompt_guided':\n  scorer.alpha: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``kvcomp config presets | true``: the reader is gone before the first write; no traceback."""
+    import shlex
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("kvcomp")
+    command = shlex.join([str(script)] if script.exists() else [sys.executable, "-m", "kvcore.cli"])
+    err = tmp_path / "err.txt"
+    proc = subprocess.run(["bash", "-c", f"{command} config presets 2>{shlex.quote(str(err))} | true; echo ${{PIPESTATUS[0]}}"],
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    assert proc.stdout.strip() == "141", (proc.stdout, err.read_text())
+    assert err.read_text() == ""
 
 
 # -- generate --------------------------------------------------------------------------------------------

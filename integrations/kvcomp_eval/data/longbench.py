@@ -14,6 +14,7 @@ prompt rules follow LongBench's reference prediction script:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -76,9 +77,21 @@ if _missing:  # pragma: no cover - guards the shipped data files
     raise RuntimeError(f"LongBench package data lacks tasks: {sorted(_missing)}")
 
 
+def unknown_tasks_message(unknown: Sequence[str], known: Sequence[str] = LONGBENCH_TASKS) -> str:
+    """``unknown LongBench task 'x'`` (or ``tasks [...]``), the nearest known name for each misspelt
+    one, then the known ones."""
+    close = {task: difflib.get_close_matches(task, known, n=1) for task in unknown}
+    if len(unknown) == 1:
+        what, guesses = f"task {unknown[0]!r}", [repr(m[0]) for m in close.values() if m]
+    else:
+        what, guesses = f"tasks {list(unknown)}", [f"{t!r} -> {m[0]!r}" for t, m in close.items() if m]
+    hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return f"unknown LongBench {what}{hint}; known: {', '.join(known)}"
+
+
 def _check_task(task: str) -> None:
     if task not in DATASET2PROMPT:
-        raise ValueError(f"unknown LongBench task {task!r}; known tasks: {', '.join(LONGBENCH_TASKS)}")
+        raise ValueError(unknown_tasks_message([task]))
 
 
 @dataclass(frozen=True)
@@ -229,7 +242,7 @@ class LongBenchDataLoader:
         except Exception as exc:  # the hub's failures come in many types; add what to do instead
             raise RuntimeError(
                 f"could not load {HUB_DATASET}/{name} from the hub ({type(exc).__name__}: {exc}); "
-                f"download LongBench's data files and pass data_dir=<folder with {name}.jsonl>"
+                f"download LongBench's data files and pass --data-dir <folder with {name}.jsonl> (data_dir= in Python)"
             ) from exc
         return [
             _example_from_row(task, i, row, f"{HUB_DATASET}/{name}, row {i}") for i, row in enumerate(data)

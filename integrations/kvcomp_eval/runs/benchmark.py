@@ -196,6 +196,8 @@ class CompressionBenchmark:
         self.kl_steps = kl_steps
         self.command = command
         self.experiment = experiment
+        self.log_prefix = f"kvcomp {experiment}"
+        """What the run's messages on stderr start with: the command the user typed."""
         self.notes = list(notes)
         self.variants = {k: dict(v) for k, v in (variants or {}).items()}
         self.device = device
@@ -242,13 +244,16 @@ class CompressionBenchmark:
                 self._longbench_data = {task: loader.load(task) for task in s.tasks}
             except RuntimeError as exc:  # the hub could not be read; the message says what to do instead
                 raise FileNotFoundError(str(exc)) from exc
+            past_the_end = [task for task, rows in self._longbench_data.items() if not rows]
+            if past_the_end:
+                raise ValueError(f"--offset {s.offset} is past the last row of {', '.join(past_the_end)}: no row is left")
 
     def pipeline(self, weights: str = "none") -> Any:
         """The pipeline whose model has ``weights`` applied (loaded on first use)."""
         if weights not in self._pipes:
             from kvcore.pipeline import KVCompPipeline
 
-            print(f"kvcomp bench: loading {self.model} ...", file=sys.stderr, flush=True)
+            print(f"{self.log_prefix}: loading {self.model} ...", file=sys.stderr, flush=True)
             pipe = KVCompPipeline.from_pretrained(self.model, REFERENCE, device=self.device)
             if weights != "none":
                 pipe.set_config(CompressionConfig.from_preset(REFERENCE).with_overrides({"weights": weights}))
@@ -340,7 +345,10 @@ class CompressionBenchmark:
                 kept[prep.task] += 1
                 out.append(BenchExample.from_longbench(prep, use_question_span=ev.config.use_question_span))
         if not out:
-            raise ValueError(f"suite {self.suite.label} has no examples (check --limit/--offset)")
+            s = self.suite
+            filters = [f"--{flag} {value}" for flag, value in (("offset", s.offset or None), ("limit", s.limit),
+                       ("min-prompt-tokens", s.min_prompt_tokens)) if value]
+            raise ValueError(f"suite {s.label} has no examples left after {', '.join(filters) or 'its selection'}")
         return out
 
     # -- one example ------------------------------------------------------------------------------
@@ -352,7 +360,7 @@ class CompressionBenchmark:
     def _peer(self, name: str) -> PeerGenerator:
         """The peers' process, switched to peer ``name`` (started on first use)."""
         if self._peer_gen is None:
-            print("kvcomp bench: starting the peers' runner ...", file=sys.stderr, flush=True)
+            print(f"{self.log_prefix}: starting the peers' runner ...", file=sys.stderr, flush=True)
             self._peer_gen = PeerGenerator(
                 self.peers[name], model=self.model, python=self.peer_python, threads=self.peer_threads, with_logprobs=False
             )
@@ -432,7 +440,7 @@ class CompressionBenchmark:
         self._write_run_file()
         if self.reference_added:
             print(
-                f"kvcomp bench: '{REFERENCE}' (the uncompressed model) is run first on every prompt as the "
+                f"{self.log_prefix}: '{REFERENCE}' (the uncompressed model) is run first on every prompt as the "
                 "reference for fidelity and TTFT (added: it was not among the configs)",
                 file=sys.stderr,
             )
@@ -445,7 +453,7 @@ class CompressionBenchmark:
         n_todo = sum(len(names) for _, names in todo)
         skipped = len(examples) * len(self.names) - n_todo
         if skipped:
-            print(f"kvcomp bench: {skipped} rows already in {results_path}; running the {n_todo} missing", file=sys.stderr)
+            print(f"{self.log_prefix}: {skipped} rows already in {results_path}; running the {n_todo} missing", file=sys.stderr)
         written = 0
         try:
             with self.store.appender() as writer:

@@ -146,10 +146,10 @@ def _bench_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _finish(outcome: Any) -> int:
+def _finish(outcome: Any, command: str) -> int:
     print(outcome.summary.read_text(encoding="utf-8").split("\nColumns:")[0].rstrip())
     print(
-        f"\nkvcomp bench: {outcome.written} rows written, {outcome.skipped} found from earlier runs; "
+        f"\nkvcomp {command}: {outcome.written} rows written, {outcome.skipped} found from earlier runs; "
         f"report: {outcome.summary} (+ {len(outcome.plots)} plots)",
         file=sys.stderr,
     )
@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs, suite, args.out, peers=peers, peer_threads=args.peer_threads, **_bench_kwargs(args)
     )
     try:
-        return _finish(bench.run())
+        return _finish(bench.run(), args.command)
     except PeersUnavailable as exc:
         raise UsageError(f"--peer: {exc}") from exc
 
@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = _suite_from_args(args)
     name, config = _named_config(args)
     bench = CompressionBenchmark({name: config}, suite, args.out, experiment="run", **_bench_kwargs(args))
-    return _finish(bench.run())
+    return _finish(bench.run(), args.command)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -245,7 +245,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         configs, suite, args.out, experiment="ablate", pipeline=pipe, notes=notes,
         variants={v.name: v.describe() for v in variants}, **kwargs,
     )
-    return _finish(bench.run())
+    return _finish(bench.run(), args.command)
 
 
 # -- registration -----------------------------------------------------------------------------------

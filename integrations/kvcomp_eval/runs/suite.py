@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kvcomp_eval.data.longbench import LONGBENCH_E_TASKS, LONGBENCH_TASKS, PreparedExample
+from kvcomp_eval.data.longbench import LONGBENCH_E_TASKS, LONGBENCH_TASKS, PreparedExample, unknown_tasks_message
 from kvcomp_eval.data.probes import PROBES, ProbeExample
 from kvcore.config import format_validation_error
 
@@ -80,7 +80,7 @@ class BenchSuite(BaseModel):
         else:
             unknown = [t for t in self.tasks if t not in LONGBENCH_TASKS]
             if unknown:
-                raise ValueError(f"unknown LongBench task(s) {unknown}; known: {', '.join(LONGBENCH_TASKS)}")
+                raise ValueError(unknown_tasks_message(unknown))
             if len(set(self.tasks)) != len(self.tasks):
                 raise ValueError(f"LongBench tasks repeat: {list(self.tasks)}")
         if self.kind == "probe" and self.min_prompt_tokens is not None:

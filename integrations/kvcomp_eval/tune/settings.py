@@ -106,11 +106,11 @@ class TuneSettings(BaseModel):
         if suite in PROBE_SUITES:
             return suite
         if suite.startswith("longbench:"):
-            from kvcomp_eval.data.longbench import LONGBENCH_TASKS
+            from kvcomp_eval.data.longbench import LONGBENCH_TASKS, unknown_tasks_message
 
             task = suite.split(":", 1)[1]
             if task not in LONGBENCH_TASKS:
-                raise ValueError(f"unknown LongBench task {task!r}; known tasks: {', '.join(LONGBENCH_TASKS)}")
+                raise ValueError(unknown_tasks_message([task]))
             return suite
         raise ValueError(
             f"unknown suite {suite!r}; use {', '.join(PROBE_SUITES)} or longbench:<task> (e.g. longbench:multi_news)"
