@@ -6,18 +6,19 @@ the prompt window, only to the first XP_SINKS tokens (64), the XP_COL_W tokens b
 (512) and XP_COL_C more positions per KV head (128): those the prompt's last 64 queries attend to
 most (softmax mass averaged over the KV head's query heads). The window and everything after it
 attend to every key. Layers with fewer queries than keys (a thinned stream, the thinning layer's
-kept rows) attend as usual. docs/data/fast_local/columns.py measured the mass this pattern misses.
+kept rows) attend as usual. docs/data/fast_local/locality.py (with columns) measured the mass this pattern misses.
 
     python columns_xp.py bench ...      (the same arguments as `kvcomp bench`)
 """
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
-from kvcore import attention as A
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fast_local"))
+from local_xp import patched_forward, run_bench  # noqa: E402
 
 W = int(os.environ.get("XP_COL_W", "512"))
 C = int(os.environ.get("XP_COL_C", "128"))
@@ -71,27 +72,6 @@ def column_attention(q, k, v, scaling, tail_start, window=W, c=C, sinks=SINKS, c
     return torch.cat(outs, 2)
 
 
-def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, window_rows=None, **kw):
-    capture = A._CAPTURE.get()
-    n = query.shape[2]
-    if (
-        capture is not None and window_rows is None and attention_mask is None and FIRST <= module.layer_idx < LAST
-        and n == key.shape[2] and n > SINKS + W + CHUNK + EST
-    ):
-        capture.queries = query[:, :, capture.window_idx]
-        capture.keys, capture.values = key, value
-        tail = min(int(capture.window_idx.min()), n - EST)
-        out = column_attention(query, key, value, scaling, tail)
-        return out.transpose(1, 2).contiguous(), None
-    return A.kvcomp_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      window_rows=window_rows, **kw)
-
-
 if __name__ == "__main__":
-    AttentionInterface.register(A.ATTN_IMPLEMENTATION, forward)
-    import kvcore.model as M  # the thinning layer calls the function directly
-
-    M.kvcomp_attention_forward = forward
-    from kvcore.cli import main
-
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_bench(patched_forward(column_attention, range(FIRST, LAST), SINKS + W + CHUNK + EST,
+                                       tail=lambda window_idx, n: min(int(window_idx.min()), n - EST))))

@@ -45,7 +45,8 @@ def best(f, repeats=5):
     return min(times) * 1e3
 
 
-print(f"{N} tokens, ms per layer: causal attention {best(causal):.1f}")
-for window, chunk in [(1024, 256), (512, 256), (256, 128)]:
-    print(f"  local, window {window}, chunks of {chunk}: {best(lambda: local(window, chunk)):.1f}")
-print(f"  the MLP's three products (576 x 1536): {best(mlp_products):.1f}")
+if __name__ == "__main__":
+    print(f"{N} tokens, ms per layer: causal attention {best(causal):.1f}")
+    for window, chunk in [(1024, 256), (512, 256), (256, 128)]:
+        print(f"  local, window {window}, chunks of {chunk}: {best(lambda: local(window, chunk)):.1f}")
+    print(f"  the MLP's three products (576 x 1536): {best(mlp_products):.1f}")

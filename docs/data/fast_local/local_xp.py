@@ -47,27 +47,38 @@ def local_attention(q, k, v, scaling, tail_start, window=W, sinks=SINKS, chunk=C
     return torch.cat(outs, 2)
 
 
-def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, window_rows=None, **kw):
-    capture = A._CAPTURE.get()
-    n = query.shape[2]
-    if (
-        capture is not None and window_rows is None and attention_mask is None and FIRST <= module.layer_idx < LAYERS
-        and n == key.shape[2] and n > SINKS + W + CHUNK
-    ):
-        capture.queries = query[:, :, capture.window_idx]
-        capture.keys, capture.values = key, value
-        tail = int(capture.window_idx.min())
-        out = local_attention(query, key, value, scaling, tail)
-        return out.transpose(1, 2).contiguous(), None
-    return A.kvcomp_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      window_rows=window_rows, **kw)
+def patched_forward(attention, layers: range, min_tokens: int, tail=lambda window_idx, n: int(window_idx.min())):
+    """kvcomp's attention function with ``attention(q, k, v, scaling, tail_start)`` in compressed
+    prefill for the layers in ``layers`` whose stream is unthinned and longer than ``min_tokens``
+    (rows from ``tail(window_idx, n)`` on attend to every key); the prefill capture as kvcomp's."""
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, window_rows=None, **kw):
+        capture = A._CAPTURE.get()
+        n = query.shape[2]
+        if (
+            capture is not None and window_rows is None and attention_mask is None and module.layer_idx in layers
+            and n == key.shape[2] and n > min_tokens
+        ):
+            capture.queries = query[:, :, capture.window_idx]
+            capture.keys, capture.values = key, value
+            out = attention(query, key, value, scaling, tail(capture.window_idx, n))
+            return out.transpose(1, 2).contiguous(), None
+        return A.kvcomp_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          window_rows=window_rows, **kw)
+
+    return forward
 
 
-if __name__ == "__main__":
+def run_bench(forward) -> int:
+    """``kvcomp`` with ``forward`` as its attention function (the thinning layer's included)."""
     AttentionInterface.register(A.ATTN_IMPLEMENTATION, forward)
     import kvcore.model as M  # the thinning layer calls the function directly
 
     M.kvcomp_attention_forward = forward
     from kvcore.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(run_bench(patched_forward(local_attention, range(FIRST, LAYERS), SINKS + W + CHUNK)))
