@@ -450,3 +450,27 @@ def test_a_misspelt_task_is_answered_with_the_nearest_name() -> None:
     assert unknown_tasks_message(["multinews"]).startswith("unknown LongBench task 'multinews' (did you mean 'multi_news'?); known: ")
     many = unknown_tasks_message(["qasperr", "zzz"])
     assert many.startswith("unknown LongBench tasks ['qasperr', 'zzz'] (did you mean 'qasperr' -> 'qasper'?); known: ")
+
+
+def test_no_data_dir_and_no_route_to_the_hub_fails_at_once_naming_the_flag(monkeypatch, tmp_path) -> None:
+    """Without ``--data-dir`` the loader reads the hub; unreachable (and nothing cached), it says
+    so within seconds instead of after ``datasets``' ~30 s of retries, and leaves ``datasets``
+    as it found it."""
+    import time
+
+    import datasets.config
+    import huggingface_hub
+
+    from kvcomp_eval.data.longbench import LongBenchDataLoader
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # nothing cached
+    offline_before = datasets.config.HF_HUB_OFFLINE
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"the hub cannot be reached and the datasets cache lacks it\); .*--data-dir"):
+        LongBenchDataLoader(None).load("multi_news")
+    assert time.perf_counter() - start < 20
+    assert datasets.config.HF_HUB_OFFLINE == offline_before

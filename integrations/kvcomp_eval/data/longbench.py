@@ -14,10 +14,11 @@ prompt rules follow LongBench's reference prediction script:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -237,16 +238,50 @@ class LongBenchDataLoader:
         from datasets import load_dataset
 
         name = self.source_name(task)
+        # Without a route to the hub, `datasets` retries for ~30 s before failing; asked once
+        # (5 s at most) and found unreachable, it is told it is offline: it then reads its cache
+        # at once, or fails at once.
+        reachable = _hub_reachable()
         try:
-            data = load_dataset(HUB_DATASET, name, split="test")
+            with _datasets_offline(not reachable):
+                data = load_dataset(HUB_DATASET, name, split="test")
         except Exception as exc:  # the hub's failures come in many types; add what to do instead
+            why = f"{type(exc).__name__}: {exc}" if reachable else "the hub cannot be reached and the datasets cache lacks it"
             raise RuntimeError(
-                f"could not load {HUB_DATASET}/{name} from the hub ({type(exc).__name__}: {exc}); "
+                f"could not load {HUB_DATASET}/{name} from the hub ({why}); "
                 f"download LongBench's data files and pass --data-dir <folder with {name}.jsonl> (data_dir= in Python)"
             ) from exc
         return [
             _example_from_row(task, i, row, f"{HUB_DATASET}/{name}, row {i}") for i, row in enumerate(data)
         ]
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers for LongBench within 5 s (``False`` in offline mode)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import is_offline_mode
+
+    if is_offline_mode():
+        return False
+    try:
+        HfApi().dataset_info(HUB_DATASET, timeout=5)
+    except Exception:  # no route, DNS failure, timeout, refusal: `datasets` would only retry
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """``datasets`` in offline mode (cache only) inside the block when ``offline``; it reads its
+    ``config.HF_HUB_OFFLINE`` at each call, so setting it for the block is enough."""
+    import datasets.config
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 @dataclass(frozen=True)
