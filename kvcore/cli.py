@@ -120,8 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         span = (idx, idx + len(args.question))
     check_prompt(prompt, span)
-    config = config_from_args(args)
-    config.validate_components()
+    config = config_from_args(args)  # components checked as the file is read and the overrides applied
     check_device(args.device)
     pipe = KVCompPipeline.from_pretrained(args.model, config, device=args.device)
     result = pipe.generate(

@@ -107,7 +107,6 @@ def parse_model_args(kwargs: dict[str, Any]) -> tuple[KVCompLMArgs, CompressionC
     ordered = {f"{kind}.name": getattr(args, kind) for kind in COMPONENT_KINDS if getattr(args, kind)}
     ordered.update({k: v for k, v in overrides.items() if k.endswith(".name")})
     ordered.update({k: v for k, v in overrides.items() if not k.endswith(".name")})
-    if ordered:
+    if ordered:  # an unknown component or a refused parameter is refused here, listing the choices
         config = config.with_overrides(ordered)
-    config.validate_components()  # unknown component / refused parameter -> error listing the choices
     return args, config

@@ -10,11 +10,14 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvcore.cli import UsageError, add_config_arguments, config_from_args
 from kvcore.config import CompressionConfig, preset_names
 from kvcore.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # the handlers import it when they run, not at every kvcomp start-up
+    from kvcomp_eval.runs.benchmark import CompressionBenchmark
 
 SUITE_HELP = (
     "passkey | multi_needle | multi_value | variable_tracking | longbench (the 13 LongBench-E tasks) | "
@@ -146,10 +149,12 @@ def _bench_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _finish(outcome: Any, command: str) -> int:
+def _finish(bench: CompressionBenchmark) -> int:
+    """Run ``bench``, print its summary table, and on stderr what was written."""
+    outcome = bench.run()
     print(outcome.summary.read_text(encoding="utf-8").split("\nColumns:")[0].rstrip())
     print(
-        f"\nkvcomp {command}: {outcome.written} rows written, {outcome.skipped} found from earlier runs; "
+        f"\n{bench.log_prefix}: {outcome.written} rows written, {outcome.skipped} found from earlier runs; "
         f"report: {outcome.summary} (+ {len(outcome.plots)} plots)",
         file=sys.stderr,
     )
@@ -181,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs, suite, args.out, peers=peers, peer_threads=args.peer_threads, **_bench_kwargs(args)
     )
     try:
-        return _finish(bench.run(), args.command)
+        return _finish(bench)
     except PeersUnavailable as exc:
         raise UsageError(f"--peer: {exc}") from exc
 
@@ -209,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = _suite_from_args(args)
     name, config = _named_config(args)
     bench = CompressionBenchmark({name: config}, suite, args.out, experiment="run", **_bench_kwargs(args))
-    return _finish(bench.run(), args.command)
+    return _finish(bench)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -245,7 +250,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         configs, suite, args.out, experiment="ablate", pipeline=pipe, notes=notes,
         variants={v.name: v.describe() for v in variants}, **kwargs,
     )
-    return _finish(bench.run(), args.command)
+    return _finish(bench)
 
 
 # -- registration -----------------------------------------------------------------------------------
